@@ -1,0 +1,5 @@
+//! comfyfleet: a multi-tenant cloud API in front of a fleet of ComfyUI worker pods.
+//!
+//! Module map (one line per module, what it owns):
+//! - [`config`]  every setting, typed and validated once; secrets never printed.
+pub mod config {}
