@@ -1,5 +1,20 @@
 //! comfyfleet: a multi-tenant cloud API in front of a fleet of ComfyUI worker pods.
 //!
 //! Module map (one line per module, what it owns):
-//! - [`config`]  every setting, typed and validated once; secrets never printed.
-pub mod config {}
+//! - [`config`]     every setting, typed and validated once; secrets never printed.
+//! - [`domain`]     ids and the rules of the game; no IO, no HTTP, no SQL.
+//! - [`auth`]       credentials (argon2id passwords, API-key digests, session JWTs) → a `Principal`.
+//! - [`store`]      all SQL; tenant-owned queries take the tenant id first.
+//! - [`http`]       poem-openapi surfaces, problem+json errors, the credential middleware.
+//! - [`commands`]   what each CLI subcommand does.
+//! - [`dev`]        `comfyfleet dev`: the whole thing on a laptop, zero configuration.
+//! - [`telemetry`]  structured logging setup.
+
+pub mod auth;
+pub mod commands;
+pub mod config;
+pub mod dev;
+pub mod domain;
+pub mod http;
+pub mod store;
+pub mod telemetry;

@@ -1,0 +1,226 @@
+//! What each CLI subcommand does. `main.rs` only parses; the work is here so that
+//! tests and `dev` can call the same functions.
+
+use std::io::Write;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::{AuthError, AuthService, password};
+use crate::config::{ApiArgs, ApiConfig, ConfigError, DatabaseArgs};
+use crate::domain::ids::ApiKeyId;
+use crate::http::{self, AppState};
+use crate::store::{ConnectError, Store, StoreError};
+
+/// Why a command failed. Every variant displays as one line.
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("DATABASE_URL: {0}")]
+    Connect(#[from] ConnectError),
+    #[error("{0}")]
+    Store(StoreError),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("cannot listen on {addr}: {cause}")]
+    Bind {
+        addr: std::net::SocketAddr,
+        cause: std::io::Error,
+    },
+    #[error("I/O error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl From<StoreError> for CommandError {
+    fn from(e: StoreError) -> Self {
+        match &e {
+            StoreError::Database(inner) => {
+                CommandError::Invalid(format!("database error: {inner}"))
+            }
+            StoreError::Migrate(inner) => {
+                CommandError::Invalid(format!("migration failed: {inner}"))
+            }
+            StoreError::Conflict(_) => CommandError::Store(e),
+        }
+    }
+}
+
+impl From<AuthError> for CommandError {
+    fn from(e: AuthError) -> Self {
+        match e {
+            AuthError::Store(s) => s.into(),
+            other => CommandError::Invalid(other.to_string()),
+        }
+    }
+}
+
+/// Connects and applies pending migrations.
+pub async fn connect_and_migrate(args: &DatabaseArgs) -> Result<Store, CommandError> {
+    let config = args.resolve()?;
+    let store = Store::connect(&config).await?;
+    store.migrate().await?;
+    Ok(store)
+}
+
+/// Creates the database named in the URL when it does not exist yet, so a new
+/// installation needs no manual `createdb`.
+pub async fn create_database_if_missing(url: &str) -> Result<(), CommandError> {
+    use sqlx::migrate::MigrateDatabase;
+    let exists = sqlx::Postgres::database_exists(url)
+        .await
+        .map_err(|e| ConfigError::new("DATABASE_URL", format!("cannot reach Postgres: {e}")))?;
+    if !exists {
+        sqlx::Postgres::create_database(url).await.map_err(|e| {
+            ConfigError::new("DATABASE_URL", format!("cannot create the database: {e}"))
+        })?;
+        tracing::info!("created the database");
+    }
+    Ok(())
+}
+
+/// `comfyfleet migrate`: creates the database if needed and applies migrations.
+pub async fn migrate(args: &DatabaseArgs) -> Result<(), CommandError> {
+    let config = args.resolve()?;
+    create_database_if_missing(config.url.expose()).await?;
+    connect_and_migrate(args).await?;
+    tracing::info!("migrations applied");
+    Ok(())
+}
+
+/// Builds the API pod's state from its configuration (connects, migrates).
+pub async fn api_state(config: &ApiConfig) -> Result<AppState, CommandError> {
+    let store = Store::connect(&config.database).await?;
+    store.migrate().await?;
+    let redis = match &config.redis_url {
+        None => None,
+        Some(url) => Some(
+            redis::Client::open(url.expose())
+                .map_err(|e| ConfigError::new("REDIS_URL", e.to_string()))?,
+        ),
+    };
+    Ok(AppState {
+        auth: AuthService::new(
+            store.clone(),
+            config.jwt_secret.expose().as_bytes(),
+            config.session_ttl,
+        ),
+        store,
+        redis,
+        secure_cookies: config.secure_cookies(),
+        session_ttl: config.session_ttl,
+    })
+}
+
+/// `comfyfleet api`: serves until SIGTERM or SIGINT.
+pub async fn api(args: &ApiArgs) -> Result<(), CommandError> {
+    let config = args.resolve()?;
+    let state = api_state(&config).await?;
+    let listener = tokio::net::TcpListener::bind(config.bind)
+        .await
+        .map_err(|cause| CommandError::Bind {
+            addr: config.bind,
+            cause,
+        })?;
+    let shutdown = CancellationToken::new();
+    tokio::spawn(cancel_on_signal(shutdown.clone()));
+    tracing::info!(public_url = %config.public_url, "comfyfleet API starting");
+    http::serve(listener, state, shutdown).await?;
+    tracing::info!("comfyfleet API stopped");
+    Ok(())
+}
+
+/// Fires `token` on SIGINT (Ctrl-C) or SIGTERM (what orchestrators send).
+pub async fn cancel_on_signal(token: CancellationToken) {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing a SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+    tracing::info!("shutdown requested");
+    token.cancel();
+}
+
+/// `comfyfleet tenant create`: prints the new tenant's id.
+pub async fn tenant_create(
+    db: &DatabaseArgs,
+    name: &str,
+    admin_email: &str,
+    admin_password: &str,
+    out: &mut impl Write,
+) -> Result<(), CommandError> {
+    let name = name.trim();
+    if name.is_empty() || name.len() > 100 {
+        return Err(CommandError::Invalid(
+            "tenant name must be 1 to 100 characters".into(),
+        ));
+    }
+    if name.parse::<uuid::Uuid>().is_ok() {
+        return Err(CommandError::Invalid(
+            "tenant name must not look like a UUID (ids and names share --tenant)".into(),
+        ));
+    }
+    http::users::check_email(admin_email.trim()).map_err(CommandError::Invalid)?;
+    let hash = password::hash(admin_password)
+        .map_err(|e| CommandError::Invalid(format!("--admin-password: {e}")))?;
+    let store = connect_and_migrate(db).await?;
+    let (tenant, _admin) = store
+        .create_tenant_with_admin(name, admin_email.trim(), &hash)
+        .await?;
+    writeln!(out, "{}", tenant.id)?;
+    Ok(())
+}
+
+/// `comfyfleet apikey create`: prints only the new key, so scripts can capture it.
+pub async fn apikey_create(
+    db: &DatabaseArgs,
+    tenant: &str,
+    name: &str,
+    admin: bool,
+    out: &mut impl Write,
+) -> Result<(), CommandError> {
+    let store = connect_and_migrate(db).await?;
+    let tenant = store
+        .find_tenant_by_name_or_id(tenant)
+        .await?
+        .ok_or_else(|| CommandError::NotFound(format!("no tenant named or with id {tenant:?}")))?;
+    // Key creation needs no session signing; any secret serves the service here.
+    let auth = AuthService::new(store, &[0u8; 32], std::time::Duration::from_secs(1));
+    let (_record, key) = auth.create_api_key(tenant.id, name, admin, None).await?;
+    writeln!(out, "{}", key.expose())?;
+    Ok(())
+}
+
+/// `comfyfleet apikey revoke`.
+pub async fn apikey_revoke(
+    db: &DatabaseArgs,
+    key_id: &str,
+    out: &mut impl Write,
+) -> Result<(), CommandError> {
+    let id: ApiKeyId = key_id
+        .parse()
+        .map_err(|_| CommandError::Invalid(format!("{key_id:?} is not an API key id (a UUID)")))?;
+    let store = connect_and_migrate(db).await?;
+    let key = store
+        .revoke_api_key_as_operator(id)
+        .await?
+        .ok_or_else(|| CommandError::NotFound(format!("no API key with id {id}")))?;
+    writeln!(out, "revoked {} ({})", key.id, key.name)?;
+    Ok(())
+}
+
+/// `comfyfleet openapi`: the spec, exactly as `GET /openapi.json` serves it.
+pub fn openapi(out: &mut impl Write) -> Result<(), CommandError> {
+    writeln!(out, "{}", http::api_service().spec())?;
+    Ok(())
+}

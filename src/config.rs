@@ -1,0 +1,386 @@
+//! Every setting comfyfleet reads, typed and validated once at start.
+//!
+//! Settings come from flags or the environment (clap reads both); they arrive here
+//! as raw strings so that a bad value is reported as one line naming the setting
+//! and the problem (`COMFYFLEET_BIND: "x" is not a socket address`), never as a
+//! panic or a multi-line usage dump. Secrets are wrapped in [`Secret`], whose
+//! `Debug` never shows the value.
+
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use url::Url;
+
+/// A setting that is missing or malformed. Displays as one line.
+#[derive(Debug, thiserror::Error)]
+#[error("{setting}: {problem}")]
+pub struct ConfigError {
+    /// The environment variable that carries the setting (flags have the same name).
+    pub setting: &'static str,
+    pub problem: String,
+}
+
+impl ConfigError {
+    pub fn new(setting: &'static str, problem: impl Into<String>) -> Self {
+        Self {
+            setting,
+            problem: problem.into(),
+        }
+    }
+}
+
+/// A string that must never reach a log line.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret([redacted])")
+    }
+}
+
+/// Where Postgres is and how many connections a process may hold.
+#[derive(Clone, Debug)]
+pub struct DatabaseConfig {
+    /// Kept secret: a database URL usually carries a password.
+    pub url: Secret,
+    pub max_connections: u32,
+}
+
+/// Minimum length of the JWT signing secret: HS256 wants at least 256 bits.
+pub const MIN_JWT_SECRET_LEN: usize = 32;
+
+/// Everything an API pod needs.
+#[derive(Clone, Debug)]
+pub struct ApiConfig {
+    pub database: DatabaseConfig,
+    /// `None` runs a single pod on the in-process bus.
+    pub redis_url: Option<Secret>,
+    /// Prefix of every Redis key and channel, so that tests and several deployments
+    /// can share one Redis.
+    pub redis_prefix: String,
+    pub bind: SocketAddr,
+    /// The URL clients reach this service at; used for signed links and cookie flags.
+    pub public_url: Url,
+    pub jwt_secret: Secret,
+    pub session_ttl: Duration,
+    pub object_store: ObjectStoreLocation,
+}
+
+impl ApiConfig {
+    /// Cookies carry `Secure` unless the service is reached over plain http on
+    /// loopback (a developer's laptop), where browsers would refuse to store them.
+    pub fn secure_cookies(&self) -> bool {
+        !(self.public_url.scheme() == "http" && is_loopback_host(&self.public_url))
+    }
+}
+
+fn is_loopback_host(url: &Url) -> bool {
+    match url.host() {
+        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
+    }
+}
+
+/// Where inputs and outputs are stored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ObjectStoreLocation {
+    /// A directory on the local disk (the default: `./data/objects`).
+    LocalDir(PathBuf),
+}
+
+/// The raw strings for the database settings, as clap collected them.
+#[derive(Clone, Debug, Default, clap::Args)]
+pub struct DatabaseArgs {
+    /// Postgres URL, e.g. postgres://user@127.0.0.1:5432/comfyfleet
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+    /// Largest number of Postgres connections this process opens.
+    #[arg(long, env = "COMFYFLEET_DB_MAX_CONNECTIONS")]
+    pub db_max_connections: Option<String>,
+}
+
+impl DatabaseArgs {
+    pub fn resolve(&self) -> Result<DatabaseConfig, ConfigError> {
+        let raw = required("DATABASE_URL", self.database_url.as_deref())?;
+        let url = Url::parse(raw).map_err(|e| {
+            ConfigError::new(
+                "DATABASE_URL",
+                format!("not a URL ({e}); expected postgres://user:password@host:port/database"),
+            )
+        })?;
+        if !matches!(url.scheme(), "postgres" | "postgresql") {
+            return Err(ConfigError::new(
+                "DATABASE_URL",
+                format!(
+                    "scheme {:?} is not supported; expected postgres://",
+                    url.scheme()
+                ),
+            ));
+        }
+        let max_connections = parse_or(
+            "COMFYFLEET_DB_MAX_CONNECTIONS",
+            self.db_max_connections.as_deref(),
+            20u32,
+        )?;
+        if max_connections == 0 {
+            return Err(ConfigError::new(
+                "COMFYFLEET_DB_MAX_CONNECTIONS",
+                "must be at least 1",
+            ));
+        }
+        Ok(DatabaseConfig {
+            url: Secret::new(raw),
+            max_connections,
+        })
+    }
+}
+
+/// The raw strings for an API pod's settings.
+#[derive(Clone, Debug, Default, clap::Args)]
+pub struct ApiArgs {
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+    /// Redis URL, e.g. redis://127.0.0.1:6379. Without it a single pod uses an in-process bus.
+    #[arg(long, env = "REDIS_URL", hide_env_values = true)]
+    pub redis_url: Option<String>,
+    /// Prefix for every Redis key and channel.
+    #[arg(long, env = "COMFYFLEET_REDIS_PREFIX")]
+    pub redis_prefix: Option<String>,
+    /// Address to listen on.
+    #[arg(long, env = "COMFYFLEET_BIND")]
+    pub bind: Option<String>,
+    /// Public base URL of the service (default: http://<bind>).
+    #[arg(long, env = "COMFYFLEET_PUBLIC_URL")]
+    pub public_url: Option<String>,
+    /// Secret that signs session tokens and links; at least 32 characters.
+    #[arg(long, env = "COMFYFLEET_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+    /// Session lifetime in seconds (default 7 days).
+    #[arg(long, env = "COMFYFLEET_SESSION_TTL_SECS")]
+    pub session_ttl_secs: Option<String>,
+    /// Object store location: a directory path or file:///path (default ./data/objects).
+    #[arg(long, env = "COMFYFLEET_OBJECT_STORE")]
+    pub object_store: Option<String>,
+}
+
+pub const DEFAULT_BIND: &str = "127.0.0.1:8080";
+
+impl ApiArgs {
+    pub fn resolve(&self) -> Result<ApiConfig, ConfigError> {
+        let database = self.database.resolve()?;
+        let redis_url = match non_empty(self.redis_url.as_deref()) {
+            None => None,
+            Some(raw) => {
+                let url = Url::parse(raw)
+                    .map_err(|e| ConfigError::new("REDIS_URL", format!("not a URL ({e})")))?;
+                if !matches!(url.scheme(), "redis" | "rediss") {
+                    return Err(ConfigError::new(
+                        "REDIS_URL",
+                        format!(
+                            "scheme {:?} is not supported; expected redis://",
+                            url.scheme()
+                        ),
+                    ));
+                }
+                Some(Secret::new(raw))
+            }
+        };
+        let redis_prefix = non_empty(self.redis_prefix.as_deref())
+            .unwrap_or("cf")
+            .to_string();
+        if !redis_prefix
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':'))
+        {
+            return Err(ConfigError::new(
+                "COMFYFLEET_REDIS_PREFIX",
+                "may hold only letters, digits, '-', '_', '.' and ':'",
+            ));
+        }
+        let bind_raw = non_empty(self.bind.as_deref()).unwrap_or(DEFAULT_BIND);
+        let bind: SocketAddr = bind_raw.parse().map_err(|_| {
+            ConfigError::new(
+                "COMFYFLEET_BIND",
+                format!("{bind_raw:?} is not a socket address such as 127.0.0.1:8080"),
+            )
+        })?;
+        let public_url = match non_empty(self.public_url.as_deref()) {
+            Some(raw) => {
+                let url = Url::parse(raw).map_err(|e| {
+                    ConfigError::new("COMFYFLEET_PUBLIC_URL", format!("not a URL ({e})"))
+                })?;
+                if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
+                    return Err(ConfigError::new(
+                        "COMFYFLEET_PUBLIC_URL",
+                        "must be an http:// or https:// URL with a host",
+                    ));
+                }
+                url
+            }
+            None => default_public_url(bind),
+        };
+        let jwt_secret = required("COMFYFLEET_JWT_SECRET", self.jwt_secret.as_deref())?;
+        if jwt_secret.len() < MIN_JWT_SECRET_LEN {
+            return Err(ConfigError::new(
+                "COMFYFLEET_JWT_SECRET",
+                format!("must be at least {MIN_JWT_SECRET_LEN} characters long"),
+            ));
+        }
+        let ttl_secs = parse_or(
+            "COMFYFLEET_SESSION_TTL_SECS",
+            self.session_ttl_secs.as_deref(),
+            7 * 24 * 3600u64,
+        )?;
+        if ttl_secs == 0 {
+            return Err(ConfigError::new(
+                "COMFYFLEET_SESSION_TTL_SECS",
+                "must be at least 1",
+            ));
+        }
+        let object_store = parse_object_store(self.object_store.as_deref())?;
+        Ok(ApiConfig {
+            database,
+            redis_url,
+            redis_prefix,
+            bind,
+            public_url,
+            jwt_secret: Secret::new(jwt_secret),
+            session_ttl: Duration::from_secs(ttl_secs),
+            object_store,
+        })
+    }
+}
+
+fn default_public_url(bind: SocketAddr) -> Url {
+    // An unspecified bind address is reachable on loopback; name that in links.
+    let host = match bind.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => "127.0.0.1".to_string(),
+        IpAddr::V6(ip) if ip.is_unspecified() => "[::1]".to_string(),
+        IpAddr::V4(ip) => ip.to_string(),
+        IpAddr::V6(ip) => format!("[{ip}]"),
+    };
+    Url::parse(&format!("http://{host}:{}", bind.port())).expect("a socket address forms a URL")
+}
+
+fn parse_object_store(raw: Option<&str>) -> Result<ObjectStoreLocation, ConfigError> {
+    const SETTING: &str = "COMFYFLEET_OBJECT_STORE";
+    let Some(raw) = non_empty(raw) else {
+        return Ok(ObjectStoreLocation::LocalDir(PathBuf::from("data/objects")));
+    };
+    if let Some(rest) = raw.strip_prefix("file://") {
+        if rest.is_empty() {
+            return Err(ConfigError::new(SETTING, "file:// needs a path"));
+        }
+        return Ok(ObjectStoreLocation::LocalDir(PathBuf::from(rest)));
+    }
+    if raw.contains("://") {
+        return Err(ConfigError::new(
+            SETTING,
+            format!("{raw:?} is not supported; use a directory path or file:///path"),
+        ));
+    }
+    Ok(ObjectStoreLocation::LocalDir(PathBuf::from(raw)))
+}
+
+fn non_empty(raw: Option<&str>) -> Option<&str> {
+    raw.map(str::trim).filter(|s| !s.is_empty())
+}
+
+fn required<'a>(setting: &'static str, raw: Option<&'a str>) -> Result<&'a str, ConfigError> {
+    non_empty(raw).ok_or_else(|| ConfigError::new(setting, "is not set"))
+}
+
+fn parse_or<T: std::str::FromStr + fmt::Display>(
+    setting: &'static str,
+    raw: Option<&str>,
+    default: T,
+) -> Result<T, ConfigError> {
+    match non_empty(raw) {
+        None => Ok(default),
+        Some(s) => s
+            .parse()
+            .map_err(|_| ConfigError::new(setting, format!("{s:?} is not a whole number"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn valid_args() -> ApiArgs {
+        ApiArgs {
+            database: DatabaseArgs {
+                database_url: Some("postgres://postgres@127.0.0.1/x".into()),
+                db_max_connections: None,
+            },
+            jwt_secret: Some("x".repeat(32)),
+            ..ApiArgs::default()
+        }
+    }
+
+    #[test]
+    fn defaults_fill_in() {
+        let cfg = valid_args().resolve().unwrap();
+        assert_eq!(cfg.bind.to_string(), DEFAULT_BIND);
+        assert_eq!(cfg.public_url.as_str(), "http://127.0.0.1:8080/");
+        assert!(!cfg.secure_cookies());
+        assert!(cfg.redis_url.is_none());
+    }
+
+    #[test]
+    fn each_bad_setting_is_named() {
+        let mut a = valid_args();
+        a.jwt_secret = None;
+        assert_eq!(a.resolve().unwrap_err().setting, "COMFYFLEET_JWT_SECRET");
+
+        let mut a = valid_args();
+        a.jwt_secret = Some("short".into());
+        assert_eq!(a.resolve().unwrap_err().setting, "COMFYFLEET_JWT_SECRET");
+
+        let mut a = valid_args();
+        a.database.database_url = Some("mysql://x".into());
+        assert_eq!(a.resolve().unwrap_err().setting, "DATABASE_URL");
+
+        let mut a = valid_args();
+        a.bind = Some("nowhere".into());
+        assert_eq!(a.resolve().unwrap_err().setting, "COMFYFLEET_BIND");
+
+        let mut a = valid_args();
+        a.redis_url = Some("http://x".into());
+        assert_eq!(a.resolve().unwrap_err().setting, "REDIS_URL");
+
+        let mut a = valid_args();
+        a.object_store = Some("s3://bucket".into());
+        assert_eq!(a.resolve().unwrap_err().setting, "COMFYFLEET_OBJECT_STORE");
+    }
+
+    #[test]
+    fn https_public_url_sets_secure_cookies() {
+        let mut a = valid_args();
+        a.public_url = Some("https://fleet.example.com".into());
+        assert!(a.resolve().unwrap().secure_cookies());
+    }
+
+    #[test]
+    fn secrets_are_not_debug_printed() {
+        let cfg = valid_args().resolve().unwrap();
+        let printed = format!("{cfg:?}");
+        assert!(!printed.contains(&"x".repeat(32)));
+        assert!(!printed.contains("postgres://"));
+    }
+}

@@ -1,0 +1,4 @@
+//! The domain: what comfyfleet's objects are and which moves they may make. No IO,
+//! no HTTP, no SQL.
+
+pub mod ids;

@@ -1,0 +1,9 @@
+//! The integration suite: one binary, one shared harness (`support`), a module per
+//! area. Every test gets its own Postgres database and its own Redis prefix.
+
+mod support;
+
+mod auth;
+mod cli;
+mod keys_users;
+mod openapi;

@@ -1,0 +1,232 @@
+//! The test harness: a fresh database per test, the real app on port 0, typed helpers.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use comfyfleet::auth::AuthService;
+use comfyfleet::config::{ApiArgs, DatabaseArgs};
+use comfyfleet::domain::ids::TenantId;
+use comfyfleet::http::{self, AppState};
+use comfyfleet::store::Store;
+use tokio_util::sync::CancellationToken;
+
+/// Where the test Postgres server is: the maintenance database of a server on which
+/// the test user may create databases.
+pub fn admin_database_url() -> String {
+    std::env::var("TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_string())
+}
+
+pub fn redis_url() -> String {
+    std::env::var("TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_string())
+}
+
+pub const JWT_SECRET: &str = "test-secret-test-secret-test-secret-0123";
+
+/// A database of its own, dropped when the test ends.
+pub struct TestDb {
+    pub name: String,
+    pub url: String,
+}
+
+impl TestDb {
+    pub async fn create() -> Self {
+        use sqlx::Connection;
+        let name = format!("cf_test_{}", uuid::Uuid::new_v4().simple());
+        let admin = admin_database_url();
+        let mut conn = sqlx::PgConnection::connect(&admin)
+            .await
+            .unwrap_or_else(|e| panic!("tests need Postgres at {admin} (TEST_DATABASE_URL): {e}"));
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&mut conn)
+            .await
+            .expect("create test database");
+        conn.close().await.ok();
+        let mut url = url::Url::parse(&admin).expect("TEST_DATABASE_URL is a URL");
+        url.set_path(&name);
+        Self {
+            name,
+            url: url.to_string(),
+        }
+    }
+
+    pub fn args(&self) -> DatabaseArgs {
+        DatabaseArgs {
+            database_url: Some(self.url.clone()),
+            db_max_connections: Some("5".into()),
+        }
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        // Drop runs outside async context; a short-lived thread with its own runtime
+        // does the async cleanup without blocking the test's runtime.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async {
+                use sqlx::Connection;
+                if let Ok(mut conn) = sqlx::PgConnection::connect(&admin_database_url()).await {
+                    let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                        .execute(&mut conn)
+                        .await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// A running API pod over its own database.
+pub struct TestApp {
+    pub addr: SocketAddr,
+    pub base: String,
+    pub db: TestDb,
+    pub store: Store,
+    pub state: AppState,
+    pub http: reqwest::Client,
+    shutdown: CancellationToken,
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+pub fn api_args(db: &TestDb) -> ApiArgs {
+    ApiArgs {
+        database: db.args(),
+        redis_url: Some(redis_url()),
+        redis_prefix: Some(format!("cftest:{}", uuid::Uuid::new_v4().simple())),
+        bind: Some("127.0.0.1:0".into()),
+        jwt_secret: Some(JWT_SECRET.into()),
+        ..ApiArgs::default()
+    }
+}
+
+pub async fn spawn_app() -> TestApp {
+    let db = TestDb::create().await;
+    let config = api_args(&db).resolve().expect("test config is valid");
+    let state = comfyfleet::commands::api_state(&config)
+        .await
+        .expect("api state");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let shutdown = CancellationToken::new();
+    tokio::spawn(http::serve(listener, state.clone(), shutdown.clone()));
+    TestApp {
+        addr,
+        base: format!("http://{addr}"),
+        store: state.store.clone(),
+        state,
+        db,
+        http: reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()
+            .unwrap(),
+        shutdown,
+    }
+}
+
+/// A tenant with an admin user and an admin API key.
+pub struct TestTenant {
+    pub id: TenantId,
+    pub name: String,
+    pub admin_email: String,
+    pub admin_password: String,
+    pub admin_key: String,
+}
+
+impl TestApp {
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    pub fn auth_service(&self) -> AuthService {
+        self.state.auth.clone()
+    }
+
+    pub async fn tenant(&self, name: &str) -> TestTenant {
+        let admin_email = format!("admin@{name}.example.com");
+        let admin_password = format!("pw-{name}-0123456789");
+        let hash = comfyfleet::auth::password::hash(&admin_password).unwrap();
+        let (tenant, _) = self
+            .store
+            .create_tenant_with_admin(name, &admin_email, &hash)
+            .await
+            .unwrap();
+        let (_, key) = self
+            .auth_service()
+            .create_api_key(tenant.id, "admin key", true, None)
+            .await
+            .unwrap();
+        TestTenant {
+            id: tenant.id,
+            name: name.to_string(),
+            admin_email,
+            admin_password,
+            admin_key: key.expose().to_string(),
+        }
+    }
+
+    /// A key without admin rights in `tenant`.
+    pub async fn plain_key(&self, tenant: &TestTenant) -> String {
+        let (_, key) = self
+            .auth_service()
+            .create_api_key(tenant.id, "plain key", false, None)
+            .await
+            .unwrap();
+        key.expose().to_string()
+    }
+}
+
+/// Asserts a response is a problem+json with this status, and returns the body.
+pub async fn expect_problem(resp: reqwest::Response, status: u16) -> serde_json::Value {
+    assert_eq!(resp.status().as_u16(), status, "status");
+    let ct = resp
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        ct.starts_with("application/problem+json"),
+        "content-type {ct:?}"
+    );
+    let body: serde_json::Value = resp.json().await.expect("problem body is JSON");
+    assert_eq!(body["status"], status);
+    assert!(
+        body["detail"].as_str().is_some_and(|d| !d.is_empty()),
+        "problem has a detail: {body}"
+    );
+    body
+}
+
+/// The `Set-Cookie` session value from a login response.
+pub fn session_cookie_of(resp: &reqwest::Response) -> (String, String) {
+    let raw = resp
+        .headers()
+        .get("set-cookie")
+        .expect("login sets a cookie")
+        .to_str()
+        .unwrap()
+        .to_string();
+    let value = raw.split(';').next().unwrap().trim().to_string();
+    (value, raw)
+}
+
+/// Path of the built binary, for CLI tests.
+pub fn binary() -> &'static str {
+    env!("CARGO_BIN_EXE_comfyfleet")
+}
+
+pub fn spawn_db_args(db: &TestDb) -> DatabaseArgs {
+    db.args()
+}
