@@ -68,12 +68,6 @@ impl From<&str> for NodeId {
     }
 }
 
-impl std::borrow::Borrow<str> for NodeId {
-    fn borrow(&self) -> &str {
-        &self.0
-    }
-}
-
 /// One node of a prompt.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct ApiNode {
@@ -133,11 +127,11 @@ impl ApiGraph {
     }
 
     pub fn node(&self, id: &str) -> Option<&ApiNode> {
-        self.nodes.get(id)
+        self.nodes.get(&NodeId::from(id))
     }
 
     pub fn node_mut(&mut self, id: &str) -> Option<&mut ApiNode> {
-        self.nodes.get_mut(id)
+        self.nodes.get_mut(&NodeId::from(id))
     }
 
     pub fn nodes(&self) -> impl Iterator<Item = (&NodeId, &ApiNode)> {
@@ -204,7 +198,7 @@ impl ApiGraph {
             let sources: BTreeSet<&str> = self
                 .links_of(node)
                 .map(|(_, l)| l.node)
-                .filter(|n| self.nodes.contains_key(*n))
+                .filter(|n| self.node(n).is_some())
                 .collect();
             for source in sources {
                 *indegree.get_mut(id).expect("every node has an entry") += 1;

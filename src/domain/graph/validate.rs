@@ -131,7 +131,7 @@ impl<'a> Validator<'a> {
     /// Validates one node (callers guarantee it exists and has a class); `Err` is an
     /// exception ComfyUI would raise to the caller rather than record here.
     fn node(&mut self, id: &str) -> Result<bool, Raised> {
-        if let Some(i) = self.index.get(id) {
+        if let Some(i) = self.index.get(&NodeId::from(id)) {
             return Ok(self.validated[*i].1);
         }
         let graph = self.graph;
