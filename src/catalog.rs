@@ -72,8 +72,9 @@ pub enum CatalogProblem {
     #[error("{path}: {source}")]
     Graph {
         path: String,
+        /// Boxed: ComfyUI's body is large and this enum travels in every `Result` here.
         #[source]
-        source: ComfyValidationError,
+        source: Box<ComfyValidationError>,
     },
 }
 
@@ -248,13 +249,11 @@ fn parse_one(
             })
         })
         .ok();
-    if let Some(graph) = &graph {
-        if let Err(source) = graph.check_structure() {
-            problems.push(CatalogProblem::Graph {
-                path: graph_path.to_owned(),
-                source,
-            });
-        }
+    if let Some(Err(source)) = graph.as_ref().map(ApiGraph::check_structure) {
+        problems.push(CatalogProblem::Graph {
+            path: graph_path.to_owned(),
+            source: Box::new(source),
+        });
     }
     if let Some(manifest) = &manifest {
         let manifest_problem = |source| CatalogProblem::Manifest {

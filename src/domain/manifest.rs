@@ -341,14 +341,14 @@ fn check_limits(index: usize, input: &InputSpec, errors: &mut Vec<ManifestError>
             errors.push(ManifestError::BoundOnNonNumber { index, bound });
         }
     }
-    if let (Some(min), Some(max)) = (&input.min, &input.max) {
-        if as_f64(min) > as_f64(max) {
-            errors.push(ManifestError::MinAboveMax {
-                index,
-                min: min.clone(),
-                max: max.clone(),
-            });
-        }
+    if let (Some(min), Some(max)) = (&input.min, &input.max)
+        && as_f64(min) > as_f64(max)
+    {
+        errors.push(ManifestError::MinAboveMax {
+            index,
+            min: min.clone(),
+            max: max.clone(),
+        });
     }
     match (&input.options, input.kind) {
         (Some(o), InputKind::Select) if !o.is_empty() => {}
@@ -386,13 +386,14 @@ fn check_limits(index: usize, input: &InputSpec, errors: &mut Vec<ManifestError>
             });
         }
     }
-    if let Some(options) = &input.options {
-        if input.kind == InputKind::Select && !options.contains(default) {
-            errors.push(ManifestError::DefaultNotInOptions {
-                index,
-                value: default.clone(),
-            });
-        }
+    if let Some(options) = &input.options
+        && input.kind == InputKind::Select
+        && !options.contains(default)
+    {
+        errors.push(ManifestError::DefaultNotInOptions {
+            index,
+            value: default.clone(),
+        });
     }
 }
 

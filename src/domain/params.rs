@@ -133,10 +133,10 @@ pub fn build(
             }
         };
         let Some(value) = value else { continue };
-        if input.kind == InputKind::Seed {
-            if let Some(seed) = value.as_i64() {
-                built.seeds.insert(input.id.clone(), seed);
-            }
+        if input.kind == InputKind::Seed
+            && let Some(seed) = value.as_i64()
+        {
+            built.seeds.insert(input.id.clone(), seed);
         }
         // The manifest was validated against this graph, so the node exists.
         if let Some(node) = built.graph.node_mut(&input.node_id.key()) {

@@ -189,27 +189,27 @@ impl<'a> Validator<'a> {
                 }
             };
             let received_type = self.return_type(linked, &items[1])?;
-            if let (Some(received), Some(d)) = (received_type, &def) {
-                if !types_compatible(received, d.kind) {
-                    errors.push(InputError::new(
-                        T::ReturnTypeMismatch,
-                        "Return type mismatch between linked nodes",
-                        format!(
-                            "{x}, received_type({}) mismatch input_type({})",
-                            py_str(received),
-                            py_str(d.kind)
-                        ),
-                        extra(
-                            &x,
-                            input_config,
-                            [
-                                ("received_type", received.clone()),
-                                ("linked_node", val.clone()),
-                            ],
-                        ),
-                    ));
-                    continue;
-                }
+            if let (Some(received), Some(d)) = (received_type, &def)
+                && !types_compatible(received, d.kind)
+            {
+                errors.push(InputError::new(
+                    T::ReturnTypeMismatch,
+                    "Return type mismatch between linked nodes",
+                    format!(
+                        "{x}, received_type({}) mismatch input_type({})",
+                        py_str(received),
+                        py_str(d.kind)
+                    ),
+                    extra(
+                        &x,
+                        input_config,
+                        [
+                            ("received_type", received.clone()),
+                            ("linked_node", val.clone()),
+                        ],
+                    ),
+                ));
+                continue;
             }
             match self.node(linked) {
                 Ok(true) => {}
@@ -398,20 +398,20 @@ fn check_value(x: &str, def: &InputDef<'_>, raw: &Value, errors: &mut Vec<InputE
     {
         return;
     }
-    if let Some(choices) = def.combo_choices() {
-        if !choices.iter().any(|c| super::pyfmt::py_eq(c, &val)) {
-            // ComfyUI leaves out long lists (model folders) from the body.
-            let (list_info, input_config) = if choices.len() > 20 {
-                (format!("(list of length {})", choices.len()), Value::Null)
-            } else {
-                (py_repr(&Value::Array(choices.clone())), def.input_config())
-            };
-            errors.push(InputError::new(
-                T::ValueNotInList,
-                "Value not in list",
-                format!("{x}: '{}' not in {list_info}", py_str(&val)),
-                extra(x, Some(input_config), [("received_value", val)]),
-            ));
-        }
+    if let Some(choices) = def.combo_choices()
+        && !choices.iter().any(|c| super::pyfmt::py_eq(c, &val))
+    {
+        // ComfyUI leaves out long lists (model folders) from the body.
+        let (list_info, input_config) = if choices.len() > 20 {
+            (format!("(list of length {})", choices.len()), Value::Null)
+        } else {
+            (py_repr(&Value::Array(choices.clone())), def.input_config())
+        };
+        errors.push(InputError::new(
+            T::ValueNotInList,
+            "Value not in list",
+            format!("{x}: '{}' not in {list_info}", py_str(&val)),
+            extra(x, Some(input_config), [("received_value", val)]),
+        ));
     }
 }
