@@ -2,7 +2,8 @@
 //!
 //! Module map (one line per module, what it owns):
 //! - [`config`]     every setting, typed and validated once; secrets never printed.
-//! - [`domain`]     ids and the rules of the game; no IO, no HTTP, no SQL.
+//! - [`domain`]     ids, manifests, prompt graphs and their validation, run parameters; no IO.
+//! - [`catalog`]    the workflow catalogue: loads and validates `manifests/*/`.
 //! - [`auth`]       credentials (argon2id passwords, API-key digests, session JWTs) → a `Principal`.
 //! - [`store`]      all SQL; tenant-owned queries take the tenant id first.
 //! - [`http`]       poem-openapi surfaces, problem+json errors, the credential middleware.
@@ -11,6 +12,7 @@
 //! - [`telemetry`]  structured logging setup.
 
 pub mod auth;
+pub mod catalog;
 pub mod commands;
 pub mod config;
 pub mod dev;

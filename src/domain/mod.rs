@@ -1,4 +1,8 @@
 //! The domain: what comfyfleet's objects are and which moves they may make. No IO,
 //! no HTTP, no SQL.
 
+pub mod graph;
 pub mod ids;
+pub mod manifest;
+pub mod node_catalogue;
+pub mod params;
