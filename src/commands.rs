@@ -5,10 +5,14 @@ use std::io::Write;
 
 use tokio_util::sync::CancellationToken;
 
+use std::sync::Arc;
+
 use crate::auth::{AuthError, AuthService, password};
+use crate::catalog::WorkflowCatalog;
 use crate::config::{ApiArgs, ApiConfig, ConfigError, DatabaseArgs};
 use crate::domain::ids::ApiKeyId;
 use crate::http::{self, AppState};
+use crate::jobs::JobService;
 use crate::store::{ConnectError, Store, StoreError};
 
 /// Why a command failed. Every variant displays as one line.
@@ -42,7 +46,7 @@ impl From<StoreError> for CommandError {
             StoreError::Migrate(inner) => {
                 CommandError::Invalid(format!("migration failed: {inner}"))
             }
-            StoreError::Conflict(_) => CommandError::Store(e),
+            StoreError::Conflict(_) | StoreError::Corrupt(_) => CommandError::Store(e),
         }
     }
 }
@@ -100,7 +104,13 @@ pub async fn api_state(config: &ApiConfig) -> Result<AppState, CommandError> {
                 .map_err(|e| ConfigError::new("REDIS_URL", e.to_string()))?,
         ),
     };
+    let catalog = match &config.manifests_dir {
+        None => WorkflowCatalog::builtin(),
+        Some(dir) => WorkflowCatalog::load_dir(dir),
+    }
+    .map_err(|e| ConfigError::new("COMFYFLEET_MANIFESTS", one_line(&e.to_string())))?;
     Ok(AppState {
+        jobs: JobService::new(store.clone(), Arc::new(catalog)),
         auth: AuthService::new(
             store.clone(),
             config.jwt_secret.expose().as_bytes(),
@@ -223,4 +233,8 @@ pub async fn apikey_revoke(
 pub fn openapi(out: &mut impl Write) -> Result<(), CommandError> {
     writeln!(out, "{}", http::api_service().spec())?;
     Ok(())
+}
+
+fn one_line(text: &str) -> String {
+    text.lines().map(str::trim).collect::<Vec<_>>().join("; ")
 }

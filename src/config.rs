@@ -77,6 +77,8 @@ pub struct ApiConfig {
     pub jwt_secret: Secret,
     pub session_ttl: Duration,
     pub object_store: ObjectStoreLocation,
+    /// A directory of workflow manifests to serve instead of the built-in ones.
+    pub manifests_dir: Option<PathBuf>,
 }
 
 impl ApiConfig {
@@ -176,6 +178,9 @@ pub struct ApiArgs {
     /// Object store location: a directory path or file:///path (default ./data/objects).
     #[arg(long, env = "COMFYFLEET_OBJECT_STORE")]
     pub object_store: Option<String>,
+    /// Directory of workflow manifests (<id>/manifest.yaml + workflow.json); default: the built-in ones.
+    #[arg(long, env = "COMFYFLEET_MANIFESTS")]
+    pub manifests: Option<String>,
 }
 
 pub const DEFAULT_BIND: &str = "127.0.0.1:8080";
@@ -253,6 +258,7 @@ impl ApiArgs {
             ));
         }
         let object_store = parse_object_store(self.object_store.as_deref())?;
+        let manifests_dir = non_empty(self.manifests.as_deref()).map(PathBuf::from);
         Ok(ApiConfig {
             database,
             redis_url,
@@ -262,6 +268,7 @@ impl ApiArgs {
             jwt_secret: Secret::new(jwt_secret),
             session_ttl: Duration::from_secs(ttl_secs),
             object_store,
+            manifests_dir,
         })
     }
 }

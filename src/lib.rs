@@ -4,6 +4,7 @@
 //! - [`config`]     every setting, typed and validated once; secrets never printed.
 //! - [`domain`]     ids, manifests, prompt graphs and their validation, run parameters; no IO.
 //! - [`catalog`]    the workflow catalogue: loads and validates `manifests/*/`.
+//! - [`jobs`]       the job service: validate, queue, cancel; shared by every dialect.
 //! - [`auth`]       credentials (argon2id passwords, API-key digests, session JWTs) → a `Principal`.
 //! - [`store`]      all SQL; tenant-owned queries take the tenant id first.
 //! - [`http`]       poem-openapi surfaces, problem+json errors, the credential middleware.
@@ -18,5 +19,6 @@ pub mod config;
 pub mod dev;
 pub mod domain;
 pub mod http;
+pub mod jobs;
 pub mod store;
 pub mod telemetry;

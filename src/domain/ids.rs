@@ -74,6 +74,18 @@ typed_id!(
     /// A job; also the `prompt_id` submitted to ComfyUI.
     JobId
 );
+typed_id!(
+    /// An input file a tenant uploaded or asked us to fetch.
+    InputId
+);
+typed_id!(
+    /// A file a job produced.
+    OutputId
+);
+typed_id!(
+    /// A worker pod.
+    WorkerId
+);
 
 #[cfg(test)]
 mod tests {

@@ -1,12 +1,17 @@
 //! The HTTP shell: poem + poem-openapi. One file per API surface; handlers extract,
 //! call a service or the store, and map the result to a response.
 
+pub mod admin;
 pub mod auth;
+pub mod cloud;
 pub mod health;
 pub mod keys;
 pub mod problem;
+pub mod runner;
 pub mod security;
+pub mod uploads;
 pub mod users;
+pub mod views;
 
 use std::time::Duration;
 
@@ -17,21 +22,84 @@ use poem_openapi::{OpenApiService, Tags};
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::AuthService;
-use crate::store::Store;
+use crate::domain::ids::{JobId, TenantId};
+use crate::jobs::{Accepted, JobService, SubmitError, SubmitOptions, WorkSpec};
+use crate::store::events::StoredEvent;
+use crate::store::jobs::{Cancelled, Job};
+use crate::store::{Store, StoreError};
 
 /// Everything a request handler may reach. Cheap to clone.
 #[derive(Clone)]
 pub struct AppState {
     pub store: Store,
     pub auth: AuthService,
+    pub jobs: JobService,
     /// `None` when the pod runs without Redis.
     pub redis: Option<redis::Client>,
     pub secure_cookies: bool,
     pub session_ttl: Duration,
 }
 
+impl AppState {
+    /// Submits through the job service, then publishes what the submit recorded.
+    pub async fn submit(
+        &self,
+        tenant: TenantId,
+        spec: WorkSpec,
+        options: SubmitOptions,
+    ) -> Result<Accepted, SubmitError> {
+        let accepted = self.jobs.submit(tenant, spec, options).await?;
+        self.publish(&accepted.events).await;
+        Ok(accepted)
+    }
+
+    pub async fn cancel(
+        &self,
+        tenant: TenantId,
+        id: JobId,
+    ) -> Result<Option<Cancelled>, StoreError> {
+        let outcome = self.jobs.cancel(tenant, id).await?;
+        if let Some(Cancelled::Now(_, events)) = &outcome {
+            self.publish(events).await;
+        }
+        Ok(outcome)
+    }
+
+    /// Publishes committed events to the pods' live streams.
+    pub async fn publish(&self, events: &[StoredEvent]) {
+        // The real-time tier subscribes here; until then the event log alone
+        // carries them (clients read it with `since`).
+        let _ = events;
+    }
+
+    /// Waits until `job` is terminal or `deadline` passes; returns its latest state.
+    pub async fn wait_for_terminal(
+        &self,
+        tenant: TenantId,
+        mut job: Job,
+        deadline: tokio::time::Instant,
+    ) -> Result<Job, StoreError> {
+        let mut pause = Duration::from_millis(50);
+        while !job.status.is_terminal() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep_until((tokio::time::Instant::now() + pause).min(deadline)).await;
+            pause = (pause * 2).min(Duration::from_secs(1));
+            match self.store.get_job(tenant, job.id).await? {
+                Some(latest) => job = latest,
+                None => break,
+            }
+        }
+        Ok(job)
+    }
+}
+
 #[derive(Tags)]
 pub enum ApiTags {
+    /// Runner API: manifest workflows, upload, build, execute, status, results.
+    Runner,
+    /// Cloud jobs API: create, read, list and cancel jobs; inputs.
+    Jobs,
+    /// The tenant's event log and queue.
+    Activity,
     /// Sign-in for browser sessions.
     Auth,
     /// The tenant's API keys (tenant admins).
@@ -50,6 +118,9 @@ pub fn api_service() -> OpenApiService<
         auth::AuthApi,
         keys::KeysApi,
         users::UsersApi,
+        runner::RunnerApi,
+        cloud::CloudApi,
+        admin::AdminApi,
     ),
     (),
 > {
@@ -59,6 +130,9 @@ pub fn api_service() -> OpenApiService<
             auth::AuthApi,
             keys::KeysApi,
             users::UsersApi,
+            runner::RunnerApi,
+            cloud::CloudApi,
+            admin::AdminApi,
         ),
         "comfyfleet",
         env!("CARGO_PKG_VERSION"),

@@ -167,10 +167,12 @@ impl From<AuthError> for ApiError {
 pub async fn problem_from_error(err: poem::Error) -> Response {
     let status = err.status();
     let response = err.into_response();
-    let already_problem = response
+    // A handler's own error response (problem+json, or a seed's JSON error shape)
+    // is already what the client should see.
+    let already_shaped = response
         .content_type()
-        .is_some_and(|ct| ct.starts_with(PROBLEM_JSON));
-    if already_problem {
+        .is_some_and(|ct| ct.starts_with(PROBLEM_JSON) || ct.starts_with("application/json"));
+    if already_shaped {
         return response;
     }
     let text = response.into_body().into_string().await.unwrap_or_default();

@@ -7,6 +7,10 @@
 
 pub mod accounts;
 pub mod api_keys;
+pub mod events;
+pub mod inputs;
+pub mod jobs;
+pub mod outputs;
 pub mod sessions;
 
 use std::time::Duration;
@@ -32,6 +36,9 @@ pub enum StoreError {
     Conflict(&'static str),
     #[error("database error")]
     Database(#[from] sqlx::Error),
+    /// A row that breaks an invariant the schema cannot express.
+    #[error("inconsistent data: {0}")]
+    Corrupt(String),
     #[error("migration failed")]
     Migrate(#[from] sqlx::migrate::MigrateError),
 }

@@ -5,5 +5,7 @@ mod support;
 
 mod auth;
 mod cli;
+mod jobs;
 mod keys_users;
 mod openapi;
+mod runner;

@@ -1,0 +1,346 @@
+//! Jobs: submission (with idempotency), reads with their live queue position,
+//! listing with cursor pagination, and cancellation. Every state change appends its
+//! event in the same transaction.
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use sqlx::FromRow;
+use uuid::Uuid;
+
+use super::events::{self, StoredEvent};
+use super::{Store, StoreError};
+use crate::domain::events::JobFacts;
+use crate::domain::ids::{JobId, TenantId};
+use crate::domain::job::{FailureCause, JobStatus};
+
+/// A job as clients see it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Job {
+    pub id: JobId,
+    pub tenant_id: TenantId,
+    pub status: JobStatus,
+    pub workflow_id: Option<String>,
+    pub graph: Value,
+    pub params: Value,
+    pub seeds: Value,
+    pub client_id: Option<String>,
+    pub extra_data: Value,
+    pub priority: i32,
+    pub required_nodes: Vec<String>,
+    pub required_models: Vec<String>,
+    pub input_files: Vec<String>,
+    pub cause: Option<FailureCause>,
+    pub attempts: i32,
+    pub created_at: DateTime<Utc>,
+    pub queued_at: Option<DateTime<Utc>>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub completed_at: Option<DateTime<Utc>>,
+    pub cancel_requested_at: Option<DateTime<Utc>>,
+    /// 1-based position among the tenant's queued jobs in claim order; `None`
+    /// unless queued.
+    pub queue_number: Option<i64>,
+}
+
+/// What a submit stores.
+#[derive(Clone, Debug)]
+pub struct NewJob {
+    pub id: JobId,
+    pub workflow_id: Option<String>,
+    pub graph: Value,
+    pub params: Value,
+    pub seeds: Value,
+    pub client_id: Option<String>,
+    pub extra_data: Value,
+    pub priority: i32,
+    pub required_nodes: Vec<String>,
+    pub required_models: Vec<String>,
+    pub input_files: Vec<String>,
+    /// With `request_digest`: a retried submit returns the original job.
+    pub idempotency_key: Option<String>,
+    pub request_digest: Option<[u8; 32]>,
+}
+
+/// The result of a submit.
+#[derive(Debug)]
+pub enum Submitted {
+    /// A new job, queued, with the events its creation appended.
+    Created(Job, Vec<StoredEvent>),
+    /// The same idempotency key and the same request: the original job.
+    Replayed(Job),
+    /// The same idempotency key with a different request.
+    KeyReused,
+}
+
+/// The result of a cancel request.
+#[derive(Debug)]
+pub enum Cancelled {
+    /// It was waiting; it is cancelled now.
+    Now(Job, Vec<StoredEvent>),
+    /// It is running; the worker was asked to interrupt it.
+    Requested(Job),
+    /// It had already finished; nothing changed.
+    AlreadyFinished(Job),
+}
+
+#[derive(FromRow)]
+struct JobRow {
+    id: Uuid,
+    tenant_id: Uuid,
+    status: String,
+    workflow_id: Option<String>,
+    graph: Value,
+    params: Value,
+    seeds: Value,
+    client_id: Option<String>,
+    extra_data: Value,
+    priority: i32,
+    required_nodes: Vec<String>,
+    required_models: Vec<String>,
+    input_files: Vec<String>,
+    cause: Option<Value>,
+    attempts: i32,
+    created_at: DateTime<Utc>,
+    queued_at: Option<DateTime<Utc>>,
+    started_at: Option<DateTime<Utc>>,
+    completed_at: Option<DateTime<Utc>>,
+    cancel_requested_at: Option<DateTime<Utc>>,
+    queue_number: Option<i64>,
+}
+
+impl TryFrom<JobRow> for Job {
+    type Error = StoreError;
+
+    fn try_from(r: JobRow) -> Result<Self, StoreError> {
+        let status = r
+            .status
+            .parse()
+            .map_err(|e| StoreError::Corrupt(format!("job {}: {e}", r.id)))?;
+        Ok(Self {
+            id: JobId::from_uuid(r.id),
+            tenant_id: TenantId::from_uuid(r.tenant_id),
+            status,
+            workflow_id: r.workflow_id,
+            graph: r.graph,
+            params: r.params,
+            seeds: r.seeds,
+            client_id: r.client_id,
+            extra_data: r.extra_data,
+            priority: r.priority,
+            required_nodes: r.required_nodes,
+            required_models: r.required_models,
+            input_files: r.input_files,
+            cause: r.cause.and_then(|c| serde_json::from_value(c).ok()),
+            attempts: r.attempts,
+            created_at: r.created_at,
+            queued_at: r.queued_at,
+            started_at: r.started_at,
+            completed_at: r.completed_at,
+            cancel_requested_at: r.cancel_requested_at,
+            queue_number: r.queue_number,
+        })
+    }
+}
+
+/// The job columns plus its live queue position, for a `FROM jobs j` query.
+const JOB_SELECT: &str = "SELECT j.id, j.tenant_id, j.status, j.workflow_id, j.graph, j.params, \
+    j.seeds, j.client_id, j.extra_data, j.priority, j.required_nodes, j.required_models, \
+    j.input_files, j.cause, j.attempts, j.created_at, j.queued_at, j.started_at, \
+    j.completed_at, j.cancel_requested_at, \
+    CASE WHEN j.status = 'queued' THEN ( \
+        SELECT count(*) FROM jobs q \
+        WHERE q.tenant_id = j.tenant_id AND q.status = 'queued' \
+          AND (q.priority > j.priority OR (q.priority = j.priority \
+               AND (q.queued_at, q.id) <= (j.queued_at, j.id)))) \
+    END AS queue_number \
+    FROM jobs j";
+
+/// Where a page of a listing starts: after this (created_at, id).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct JobCursor {
+    pub created_at: DateTime<Utc>,
+    pub id: JobId,
+}
+
+impl Store {
+    /// Stores a new job as queued, with its `job.accepted` and `job.queued` events —
+    /// or, for a repeated idempotency key, returns what that key already produced.
+    pub async fn submit_job(&self, tenant: TenantId, new: NewJob) -> Result<Submitted, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let inserted = sqlx::query(
+            "INSERT INTO jobs (id, tenant_id, status, workflow_id, graph, params, seeds, client_id, \
+                extra_data, priority, required_nodes, required_models, input_files, \
+                idempotency_key, request_digest, queued_at) \
+             VALUES ($1, $2, 'queued', $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, now()) \
+             ON CONFLICT (tenant_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING",
+        )
+        .bind(new.id.as_uuid())
+        .bind(tenant.as_uuid())
+        .bind(&new.workflow_id)
+        .bind(&new.graph)
+        .bind(&new.params)
+        .bind(&new.seeds)
+        .bind(&new.client_id)
+        .bind(&new.extra_data)
+        .bind(new.priority)
+        .bind(&new.required_nodes)
+        .bind(&new.required_models)
+        .bind(&new.input_files)
+        .bind(&new.idempotency_key)
+        .bind(new.request_digest.as_ref().map(|d| d.as_slice()))
+        .execute(&mut *tx)
+        .await?;
+        if inserted.rows_affected() == 0 {
+            // The key was used before: same request → same job; otherwise refuse.
+            tx.rollback().await?;
+            let (id, digest): (Uuid, Option<Vec<u8>>) = sqlx::query_as(
+                "SELECT id, request_digest FROM jobs WHERE tenant_id = $1 AND idempotency_key = $2",
+            )
+            .bind(tenant.as_uuid())
+            .bind(&new.idempotency_key)
+            .fetch_one(&self.pool)
+            .await?;
+            if digest.as_deref() != new.request_digest.as_ref().map(|d| d.as_slice()) {
+                return Ok(Submitted::KeyReused);
+            }
+            let job = self
+                .get_job(tenant, JobId::from_uuid(id))
+                .await?
+                .ok_or(StoreError::Corrupt(format!("job {id} vanished")))?;
+            return Ok(Submitted::Replayed(job));
+        }
+        let job = fetch_job(&mut tx, tenant, new.id).await?;
+        let facts = JobFacts {
+            id: job.id,
+            workflow_id: job.workflow_id.as_deref(),
+        };
+        let stored = events::append(
+            &mut tx,
+            tenant,
+            &[facts.accepted(), facts.queued(job.queue_number)],
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(Submitted::Created(job, stored))
+    }
+
+    pub async fn get_job(&self, tenant: TenantId, id: JobId) -> Result<Option<Job>, StoreError> {
+        let row: Option<JobRow> = sqlx::query_as(&format!(
+            "{JOB_SELECT} WHERE j.tenant_id = $1 AND j.id = $2"
+        ))
+        .bind(tenant.as_uuid())
+        .bind(id.as_uuid())
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(Job::try_from).transpose()
+    }
+
+    /// The tenant's jobs, newest first, optionally only those in `statuses`.
+    pub async fn list_jobs(
+        &self,
+        tenant: TenantId,
+        statuses: &[JobStatus],
+        after: Option<JobCursor>,
+        limit: i64,
+    ) -> Result<Vec<Job>, StoreError> {
+        let statuses: Vec<&str> = statuses.iter().map(|s| s.as_str()).collect();
+        let rows: Vec<JobRow> = sqlx::query_as(&format!(
+            "{JOB_SELECT} WHERE j.tenant_id = $1 \
+               AND (cardinality($2::text[]) = 0 OR j.status = ANY($2)) \
+               AND ($3::timestamptz IS NULL OR (j.created_at, j.id) < ($3, $4)) \
+             ORDER BY j.created_at DESC, j.id DESC LIMIT $5"
+        ))
+        .bind(tenant.as_uuid())
+        .bind(&statuses)
+        .bind(after.map(|c| c.created_at))
+        .bind(after.map(|c| c.id.as_uuid()))
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter().map(Job::try_from).collect()
+    }
+
+    /// The tenant's waiting and running jobs in claim order (running first).
+    pub async fn active_jobs(&self, tenant: TenantId) -> Result<Vec<Job>, StoreError> {
+        let rows: Vec<JobRow> = sqlx::query_as(&format!(
+            "{JOB_SELECT} WHERE j.tenant_id = $1 AND j.status IN ('accepted', 'uploaded', 'queued', 'running') \
+             ORDER BY (j.status = 'running') DESC, j.priority DESC, j.queued_at, j.id"
+        ))
+        .bind(tenant.as_uuid())
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter().map(Job::try_from).collect()
+    }
+
+    pub async fn cancel_job(
+        &self,
+        tenant: TenantId,
+        id: JobId,
+    ) -> Result<Option<Cancelled>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let status: Option<(String,)> =
+            sqlx::query_as("SELECT status FROM jobs WHERE tenant_id = $1 AND id = $2 FOR UPDATE")
+                .bind(tenant.as_uuid())
+                .bind(id.as_uuid())
+                .fetch_optional(&mut *tx)
+                .await?;
+        let Some((status,)) = status else {
+            return Ok(None);
+        };
+        let status: JobStatus = status
+            .parse()
+            .map_err(|e| StoreError::Corrupt(format!("job {id}: {e}")))?;
+        if status.is_terminal() {
+            tx.rollback().await?;
+            let job = self
+                .get_job(tenant, id)
+                .await?
+                .ok_or(StoreError::Corrupt(format!("job {id} vanished")))?;
+            return Ok(Some(Cancelled::AlreadyFinished(job)));
+        }
+        if status == JobStatus::Running {
+            sqlx::query(
+                "UPDATE jobs SET cancel_requested_at = coalesce(cancel_requested_at, now()), \
+                 updated_at = now() WHERE tenant_id = $1 AND id = $2",
+            )
+            .bind(tenant.as_uuid())
+            .bind(id.as_uuid())
+            .execute(&mut *tx)
+            .await?;
+            let job = fetch_job(&mut tx, tenant, id).await?;
+            tx.commit().await?;
+            return Ok(Some(Cancelled::Requested(job)));
+        }
+        debug_assert!(status.can_become(JobStatus::Cancelled));
+        sqlx::query(
+            "UPDATE jobs SET status = 'cancelled', completed_at = now(), updated_at = now() \
+             WHERE tenant_id = $1 AND id = $2",
+        )
+        .bind(tenant.as_uuid())
+        .bind(id.as_uuid())
+        .execute(&mut *tx)
+        .await?;
+        let job = fetch_job(&mut tx, tenant, id).await?;
+        let facts = JobFacts {
+            id,
+            workflow_id: job.workflow_id.as_deref(),
+        };
+        let stored = events::append(&mut tx, tenant, &[facts.cancelled()]).await?;
+        tx.commit().await?;
+        Ok(Some(Cancelled::Now(job, stored)))
+    }
+}
+
+async fn fetch_job(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    tenant: TenantId,
+    id: JobId,
+) -> Result<Job, StoreError> {
+    let row: JobRow = sqlx::query_as(&format!(
+        "{JOB_SELECT} WHERE j.tenant_id = $1 AND j.id = $2"
+    ))
+    .bind(tenant.as_uuid())
+    .bind(id.as_uuid())
+    .fetch_one(&mut **tx)
+    .await?;
+    row.try_into()
+}
