@@ -125,12 +125,12 @@ impl JobService {
         spec: WorkSpec,
         options: SubmitOptions,
     ) -> Result<Accepted, SubmitError> {
-        if let Some(key) = &options.idempotency_key {
-            if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY_LEN {
-                return Err(SubmitError::InvalidOption(format!(
-                    "Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY_LEN} characters"
-                )));
-            }
+        if let Some(key) = &options.idempotency_key
+            && (key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY_LEN)
+        {
+            return Err(SubmitError::InvalidOption(format!(
+                "Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY_LEN} characters"
+            )));
         }
         if !PRIORITY_RANGE.contains(&options.priority) {
             return Err(SubmitError::InvalidOption(format!(
@@ -251,10 +251,10 @@ fn parse_graph(raw: &Value) -> Result<ApiGraph, SubmitError> {
 fn image_files_of(graph: &ApiGraph) -> Vec<String> {
     let mut files = BTreeSet::new();
     for (_, node) in graph.nodes() {
-        if matches!(node.class_type(), Some("LoadImage" | "LoadImageMask")) {
-            if let Some(Value::String(name)) = node.inputs.get("image") {
-                files.insert(name.clone());
-            }
+        if matches!(node.class_type(), Some("LoadImage" | "LoadImageMask"))
+            && let Some(Value::String(name)) = node.inputs.get("image")
+        {
+            files.insert(name.clone());
         }
     }
     files.into_iter().collect()

@@ -110,20 +110,20 @@ pub enum ApiTags {
     Health,
 }
 
+/// Every OpenAPI surface of an API pod.
+pub type Apis = (
+    health::HealthApi,
+    auth::AuthApi,
+    keys::KeysApi,
+    users::UsersApi,
+    runner::RunnerApi,
+    cloud::CloudApi,
+    admin::AdminApi,
+);
+
 /// The OpenAPI service: the operations and their spec. Needs no state, so
 /// `comfyfleet openapi` can print the spec without a database.
-pub fn api_service() -> OpenApiService<
-    (
-        health::HealthApi,
-        auth::AuthApi,
-        keys::KeysApi,
-        users::UsersApi,
-        runner::RunnerApi,
-        cloud::CloudApi,
-        admin::AdminApi,
-    ),
-    (),
-> {
+pub fn api_service() -> OpenApiService<Apis, ()> {
     OpenApiService::new(
         (
             health::HealthApi,
