@@ -5,6 +5,7 @@
 use serde_json::{Value, json};
 
 use super::ids::{InputId, JobId};
+use super::job::FailureCause;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Severity {
@@ -96,12 +97,54 @@ impl JobFacts<'_> {
         )
     }
 
+    pub fn started(&self, worker: &str, attempt: i32) -> NewEvent {
+        self.event(
+            "job.started",
+            Severity::Info,
+            format!("{} started", self.label()),
+            json!({ "status": "running", "worker_id": worker, "attempt": attempt }),
+        )
+    }
+
+    /// `outputs` is the list clients get (ids, types, filenames).
+    pub fn completed(&self, duration_secs: i64, outputs: Value) -> NewEvent {
+        self.event(
+            "job.completed",
+            Severity::Success,
+            format!("{} completed in {duration_secs}s", self.label()),
+            json!({ "status": "completed", "duration": duration_secs, "outputs": outputs }),
+        )
+    }
+
+    pub fn failed(&self, cause: &FailureCause) -> NewEvent {
+        self.event(
+            "job.failed",
+            Severity::Error,
+            format!(
+                "{} failed: {}: {}",
+                self.label(),
+                cause.exception_type,
+                cause.exception_message
+            ),
+            json!({ "status": "failed", "cause": cause, "error": cause.exception_message }),
+        )
+    }
+
+    pub fn requeued(&self, reason: &str, attempt: i32) -> NewEvent {
+        self.event(
+            "job.requeued",
+            Severity::Warning,
+            format!("{} requeued: {reason}", self.label()),
+            json!({ "status": "queued", "reason": reason, "attempt": attempt }),
+        )
+    }
+
     pub fn cancelled(&self) -> NewEvent {
         self.event(
             "job.cancelled",
             Severity::Warning,
             format!("{} cancelled", self.label()),
-            json!({}),
+            json!({ "status": "cancelled" }),
         )
     }
 }

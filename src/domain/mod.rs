@@ -8,3 +8,4 @@ pub mod job;
 pub mod manifest;
 pub mod node_catalogue;
 pub mod params;
+pub mod progress;

@@ -330,7 +330,7 @@ impl Store {
     }
 }
 
-async fn fetch_job(
+pub(super) async fn fetch_job(
     tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
     tenant: TenantId,
     id: JobId,

@@ -7,11 +7,13 @@
 
 pub mod accounts;
 pub mod api_keys;
+pub mod claims;
 pub mod events;
 pub mod inputs;
 pub mod jobs;
 pub mod outputs;
 pub mod sessions;
+pub mod workers;
 
 use std::time::Duration;
 

@@ -1,0 +1,397 @@
+//! The worker side of jobs: claiming with `FOR UPDATE SKIP LOCKED`, leases, and the
+//! terminal transitions. Every write names the worker and checks it still holds the
+//! job, so a job whose lease lapsed and was claimed again can never be finished
+//! twice: exactly one worker's result counts.
+
+use std::time::Duration;
+
+use serde_json::Value;
+use uuid::Uuid;
+
+use super::events::{self, StoredEvent};
+use super::jobs::Job;
+use super::{Store, StoreError};
+use crate::domain::events::JobFacts;
+use crate::domain::ids::{JobId, OutputId, TenantId, WorkerId};
+use crate::domain::job::{FailureCause, JobStatus};
+
+/// What a worker can run.
+#[derive(Clone, Debug, Default)]
+pub struct Capabilities {
+    pub node_classes: Vec<String>,
+    pub models: Vec<String>,
+}
+
+/// A job a worker now holds.
+#[derive(Debug)]
+pub struct ClaimedJob {
+    pub job: Job,
+    pub events: Vec<StoredEvent>,
+}
+
+/// Whether a worker still holds a job it is running.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lease {
+    Held { cancel_requested: bool },
+    /// The job was reaped, cancelled or finished elsewhere: stop working on it.
+    Lost,
+}
+
+/// A file to record with a completed job.
+#[derive(Clone, Debug)]
+pub struct NewOutput {
+    pub node_id: String,
+    pub kind: String,
+    pub filename: String,
+    pub subfolder: String,
+    pub content_type: String,
+    pub object_key: String,
+    pub size_bytes: i64,
+}
+
+/// A job moved by the lease reaper.
+#[derive(Debug)]
+pub struct Reaped {
+    pub tenant_id: TenantId,
+    pub job_id: JobId,
+    pub requeued: bool,
+    pub events: Vec<StoredEvent>,
+}
+
+fn lease_interval(lease: Duration) -> f64 {
+    lease.as_secs_f64()
+}
+
+impl Store {
+    /// Claims the next job this worker can run: highest priority first; among equal
+    /// priority, the tenant with the fewest running jobs (so one tenant's backlog
+    /// cannot starve another's single job); then the oldest.
+    pub async fn claim_job(
+        &self,
+        worker: WorkerId,
+        caps: &Capabilities,
+        lease: Duration,
+    ) -> Result<Option<ClaimedJob>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        // Each tenant's head (its best queued job this worker can run), ranked; the
+        // first head not locked by a concurrent claimer wins.
+        let picked: Option<(Uuid, Uuid)> = sqlx::query_as(
+            "WITH heads AS ( \
+                SELECT DISTINCT ON (j.tenant_id) j.id, j.tenant_id, j.priority, j.queued_at \
+                FROM jobs j \
+                WHERE j.status = 'queued' \
+                  AND j.required_nodes <@ $1::text[] AND j.required_models <@ $2::text[] \
+                ORDER BY j.tenant_id, j.priority DESC, j.queued_at, j.id \
+             ), running AS ( \
+                SELECT tenant_id, count(*) AS n FROM jobs WHERE status = 'running' GROUP BY tenant_id \
+             ), ranked AS ( \
+                SELECT h.id, row_number() OVER ( \
+                    ORDER BY h.priority DESC, coalesce(r.n, 0), h.queued_at, h.id) AS rank \
+                FROM heads h LEFT JOIN running r ON r.tenant_id = h.tenant_id \
+             ) \
+             SELECT j.id, j.tenant_id FROM jobs j JOIN ranked k ON k.id = j.id \
+             WHERE j.status = 'queued' \
+             ORDER BY k.rank \
+             LIMIT 1 FOR UPDATE OF j SKIP LOCKED",
+        )
+        .bind(&caps.node_classes)
+        .bind(&caps.models)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some((id, tenant)) = picked else {
+            return Ok(None);
+        };
+        let (tenant, id) = (TenantId::from_uuid(tenant), JobId::from_uuid(id));
+        let attempt: (i32,) = sqlx::query_as(
+            "UPDATE jobs SET status = 'running', worker_id = $3, attempts = attempts + 1, \
+                started_at = now(), lease_expires_at = now() + make_interval(secs => $4), \
+                updated_at = now() \
+             WHERE tenant_id = $1 AND id = $2 RETURNING attempts",
+        )
+        .bind(tenant.as_uuid())
+        .bind(id.as_uuid())
+        .bind(worker.as_uuid())
+        .bind(lease_interval(lease))
+        .fetch_one(&mut *tx)
+        .await?;
+        let job = super::jobs::fetch_job(&mut tx, tenant, id).await?;
+        let facts = JobFacts {
+            id,
+            workflow_id: job.workflow_id.as_deref(),
+        };
+        let events =
+            events::append(&mut tx, tenant, &[facts.started(&worker.to_string(), attempt.0)])
+                .await?;
+        tx.commit().await?;
+        Ok(Some(ClaimedJob { job, events }))
+    }
+
+    /// Extends the lease; tells the worker whether it still holds the job and
+    /// whether a cancel was asked for.
+    pub async fn renew_lease(
+        &self,
+        worker: WorkerId,
+        tenant: TenantId,
+        job: JobId,
+        lease: Duration,
+    ) -> Result<Lease, StoreError> {
+        let row: Option<(bool,)> = sqlx::query_as(
+            "UPDATE jobs SET lease_expires_at = now() + make_interval(secs => $4) \
+             WHERE tenant_id = $1 AND id = $2 AND worker_id = $3 AND status = 'running' \
+             RETURNING cancel_requested_at IS NOT NULL",
+        )
+        .bind(tenant.as_uuid())
+        .bind(job.as_uuid())
+        .bind(worker.as_uuid())
+        .bind(lease_interval(lease))
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(match row {
+            Some((cancel_requested,)) => Lease::Held { cancel_requested },
+            None => Lease::Lost,
+        })
+    }
+
+    /// Completes a job this worker holds, recording its outputs, in one transaction
+    /// with `job.completed`. `None` when the worker no longer held it.
+    pub async fn complete_job(
+        &self,
+        worker: WorkerId,
+        tenant: TenantId,
+        id: JobId,
+        outputs: &[NewOutput],
+        outputs_for_event: impl FnOnce(&[(OutputId, &NewOutput)]) -> Value,
+    ) -> Result<Option<(Job, Vec<StoredEvent>)>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let held = lock_held(&mut tx, worker, tenant, id).await?;
+        if !held {
+            return Ok(None);
+        }
+        let mut recorded = Vec::with_capacity(outputs.len());
+        for o in outputs {
+            let oid = OutputId::new();
+            sqlx::query(
+                "INSERT INTO job_outputs (id, tenant_id, job_id, node_id, kind, filename, subfolder, \
+                    content_type, object_key, size_bytes) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+            )
+            .bind(oid.as_uuid())
+            .bind(tenant.as_uuid())
+            .bind(id.as_uuid())
+            .bind(&o.node_id)
+            .bind(&o.kind)
+            .bind(&o.filename)
+            .bind(&o.subfolder)
+            .bind(&o.content_type)
+            .bind(&o.object_key)
+            .bind(o.size_bytes)
+            .execute(&mut *tx)
+            .await?;
+            recorded.push((oid, o));
+        }
+        let job = finish(&mut tx, tenant, id, JobStatus::Completed, None).await?;
+        let duration = duration_secs(&job);
+        let facts = JobFacts {
+            id,
+            workflow_id: job.workflow_id.as_deref(),
+        };
+        let events = events::append(
+            &mut tx,
+            tenant,
+            &[facts.completed(duration, outputs_for_event(&recorded))],
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(Some((job, events)))
+    }
+
+    /// Fails a job this worker holds, with its cause.
+    pub async fn fail_job(
+        &self,
+        worker: WorkerId,
+        tenant: TenantId,
+        id: JobId,
+        cause: &FailureCause,
+    ) -> Result<Option<(Job, Vec<StoredEvent>)>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        if !lock_held(&mut tx, worker, tenant, id).await? {
+            return Ok(None);
+        }
+        let job = finish(&mut tx, tenant, id, JobStatus::Failed, Some(cause)).await?;
+        let facts = JobFacts {
+            id,
+            workflow_id: job.workflow_id.as_deref(),
+        };
+        let events = events::append(&mut tx, tenant, &[facts.failed(cause)]).await?;
+        tx.commit().await?;
+        Ok(Some((job, events)))
+    }
+
+    /// Ends a running job this worker interrupted on request.
+    pub async fn cancel_held_job(
+        &self,
+        worker: WorkerId,
+        tenant: TenantId,
+        id: JobId,
+    ) -> Result<Option<(Job, Vec<StoredEvent>)>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        if !lock_held(&mut tx, worker, tenant, id).await? {
+            return Ok(None);
+        }
+        let job = finish(&mut tx, tenant, id, JobStatus::Cancelled, None).await?;
+        let facts = JobFacts {
+            id,
+            workflow_id: job.workflow_id.as_deref(),
+        };
+        let events = events::append(&mut tx, tenant, &[facts.cancelled()]).await?;
+        tx.commit().await?;
+        Ok(Some((job, events)))
+    }
+
+    /// Hands a held job back to the queue (worker shutting down, or its ComfyUI
+    /// lost the prompt). Past `max_attempts` it fails instead, with `reason`.
+    pub async fn release_job(
+        &self,
+        worker: WorkerId,
+        tenant: TenantId,
+        id: JobId,
+        reason: &str,
+    ) -> Result<Option<(Job, Vec<StoredEvent>)>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        if !lock_held(&mut tx, worker, tenant, id).await? {
+            return Ok(None);
+        }
+        let (job, events) = requeue_or_fail(&mut tx, tenant, id, reason).await?;
+        tx.commit().await?;
+        Ok(Some((job, events)))
+    }
+
+    /// Requeues (or, past their attempts, fails) running jobs whose lease lapsed:
+    /// their worker died or lost its network. Any pod or worker may call this.
+    pub async fn reap_expired_leases(&self, limit: i64) -> Result<Vec<Reaped>, StoreError> {
+        let mut reaped = Vec::new();
+        let mut tx = self.pool.begin().await?;
+        let expired: Vec<(Uuid, Uuid)> = sqlx::query_as(
+            "SELECT tenant_id, id FROM jobs \
+             WHERE status = 'running' AND lease_expires_at < now() \
+             ORDER BY lease_expires_at LIMIT $1 FOR UPDATE SKIP LOCKED",
+        )
+        .bind(limit)
+        .fetch_all(&mut *tx)
+        .await?;
+        for (tenant, id) in expired {
+            let (tenant, id) = (TenantId::from_uuid(tenant), JobId::from_uuid(id));
+            let (job, events) = requeue_or_fail(
+                &mut tx,
+                tenant,
+                id,
+                "its worker stopped renewing the lease (worker lost)",
+            )
+            .await?;
+            reaped.push(Reaped {
+                tenant_id: tenant,
+                job_id: id,
+                requeued: job.status == JobStatus::Queued,
+                events,
+            });
+        }
+        tx.commit().await?;
+        Ok(reaped)
+    }
+}
+
+type Tx<'a> = sqlx::Transaction<'a, sqlx::Postgres>;
+
+/// Locks the job row and says whether `worker` still holds it running.
+async fn lock_held(
+    tx: &mut Tx<'_>,
+    worker: WorkerId,
+    tenant: TenantId,
+    id: JobId,
+) -> Result<bool, StoreError> {
+    let row: Option<(i32,)> = sqlx::query_as(
+        "SELECT 1 FROM jobs WHERE tenant_id = $1 AND id = $2 AND worker_id = $3 \
+         AND status = 'running' FOR UPDATE",
+    )
+    .bind(tenant.as_uuid())
+    .bind(id.as_uuid())
+    .bind(worker.as_uuid())
+    .fetch_optional(&mut **tx)
+    .await?;
+    Ok(row.is_some())
+}
+
+async fn finish(
+    tx: &mut Tx<'_>,
+    tenant: TenantId,
+    id: JobId,
+    status: JobStatus,
+    cause: Option<&FailureCause>,
+) -> Result<Job, StoreError> {
+    debug_assert!(JobStatus::Running.can_become(status));
+    sqlx::query(
+        "UPDATE jobs SET status = $3, cause = $4, completed_at = now(), lease_expires_at = NULL, \
+            updated_at = now() \
+         WHERE tenant_id = $1 AND id = $2",
+    )
+    .bind(tenant.as_uuid())
+    .bind(id.as_uuid())
+    .bind(status.as_str())
+    .bind(cause.map(|c| serde_json::to_value(c).expect("a cause serialises")))
+    .execute(&mut **tx)
+    .await?;
+    super::jobs::fetch_job(tx, tenant, id).await
+}
+
+async fn requeue_or_fail(
+    tx: &mut Tx<'_>,
+    tenant: TenantId,
+    id: JobId,
+    reason: &str,
+) -> Result<(Job, Vec<StoredEvent>), StoreError> {
+    let (attempts, max_attempts): (i32, i32) =
+        sqlx::query_as("SELECT attempts, max_attempts FROM jobs WHERE tenant_id = $1 AND id = $2")
+            .bind(tenant.as_uuid())
+            .bind(id.as_uuid())
+            .fetch_one(&mut **tx)
+            .await?;
+    if attempts >= max_attempts {
+        let cause = FailureCause {
+            node_type: None,
+            exception_type: "WorkerLost".into(),
+            exception_message: format!(
+                "gave up after {attempts} attempts; the last ended because {reason}"
+            ),
+        };
+        let job = finish(tx, tenant, id, JobStatus::Failed, Some(&cause)).await?;
+        let facts = JobFacts {
+            id,
+            workflow_id: job.workflow_id.as_deref(),
+        };
+        let events = events::append(tx, tenant, &[facts.failed(&cause)]).await?;
+        return Ok((job, events));
+    }
+    sqlx::query(
+        "UPDATE jobs SET status = 'queued', worker_id = NULL, lease_expires_at = NULL, \
+            started_at = NULL, updated_at = now() \
+         WHERE tenant_id = $1 AND id = $2",
+    )
+    .bind(tenant.as_uuid())
+    .bind(id.as_uuid())
+    .execute(&mut **tx)
+    .await?;
+    let job = super::jobs::fetch_job(tx, tenant, id).await?;
+    let facts = JobFacts {
+        id,
+        workflow_id: job.workflow_id.as_deref(),
+    };
+    let events = events::append(tx, tenant, &[facts.requeued(reason, attempts)]).await?;
+    Ok((job, events))
+}
+
+fn duration_secs(job: &Job) -> i64 {
+    match (job.started_at, job.completed_at) {
+        (Some(s), Some(c)) => (c - s).num_seconds().max(0),
+        _ => 0,
+    }
+}

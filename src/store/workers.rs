@@ -1,0 +1,118 @@
+//! Worker pods: registration, heartbeats, and the fleet view. Workers belong to
+//! the operator, not to a tenant, so these queries are not tenant-scoped.
+
+use chrono::{DateTime, Utc};
+use sqlx::FromRow;
+use uuid::Uuid;
+
+use super::{Store, StoreError};
+use crate::domain::ids::WorkerId;
+
+/// What a worker reports about itself and its ComfyUI.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WorkerRegistration {
+    pub id: WorkerId,
+    pub pool: String,
+    pub comfyui_url: String,
+    pub comfyui_version: Option<String>,
+    /// Node classes its ComfyUI offers (`/object_info` keys).
+    pub node_classes: Vec<String>,
+    /// Model files its ComfyUI lists.
+    pub models: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WorkerRecord {
+    pub id: WorkerId,
+    pub pool: String,
+    pub comfyui_url: String,
+    pub comfyui_version: Option<String>,
+    pub node_classes: Vec<String>,
+    pub models: Vec<String>,
+    /// idle, busy, draining or offline.
+    pub status: String,
+    pub started_at: DateTime<Utc>,
+    pub last_heartbeat_at: DateTime<Utc>,
+}
+
+#[derive(FromRow)]
+struct WorkerRow {
+    id: Uuid,
+    pool: String,
+    comfyui_url: String,
+    comfyui_version: Option<String>,
+    node_classes: Vec<String>,
+    models: Vec<String>,
+    status: String,
+    started_at: DateTime<Utc>,
+    last_heartbeat_at: DateTime<Utc>,
+}
+
+impl From<WorkerRow> for WorkerRecord {
+    fn from(r: WorkerRow) -> Self {
+        Self {
+            id: WorkerId::from_uuid(r.id),
+            pool: r.pool,
+            comfyui_url: r.comfyui_url,
+            comfyui_version: r.comfyui_version,
+            node_classes: r.node_classes,
+            models: r.models,
+            status: r.status,
+            started_at: r.started_at,
+            last_heartbeat_at: r.last_heartbeat_at,
+        }
+    }
+}
+
+impl Store {
+    /// Registers (or re-registers after a restart) a worker.
+    pub async fn register_worker(&self, w: &WorkerRegistration) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO workers (id, pool, comfyui_url, comfyui_version, node_classes, models, status) \
+             VALUES ($1, $2, $3, $4, $5, $6, 'idle') \
+             ON CONFLICT (id) DO UPDATE SET pool = $2, comfyui_url = $3, comfyui_version = $4, \
+               node_classes = $5, models = $6, status = 'idle', last_heartbeat_at = now()",
+        )
+        .bind(w.id.as_uuid())
+        .bind(&w.pool)
+        .bind(&w.comfyui_url)
+        .bind(&w.comfyui_version)
+        .bind(&w.node_classes)
+        .bind(&w.models)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn worker_heartbeat(&self, id: WorkerId, status: &str) -> Result<(), StoreError> {
+        sqlx::query("UPDATE workers SET last_heartbeat_at = now(), status = $2 WHERE id = $1")
+            .bind(id.as_uuid())
+            .bind(status)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn deregister_worker(&self, id: WorkerId) -> Result<(), StoreError> {
+        sqlx::query("UPDATE workers SET status = 'offline', last_heartbeat_at = now() WHERE id = $1")
+            .bind(id.as_uuid())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Workers seen within `fresh_secs`, newest first.
+    pub async fn list_workers(&self, fresh_secs: i64) -> Result<Vec<WorkerRecord>, StoreError> {
+        let rows: Vec<WorkerRow> = sqlx::query_as(
+            "SELECT id, pool, comfyui_url, comfyui_version, node_classes, models, status, \
+                    started_at, last_heartbeat_at \
+             FROM workers WHERE status <> 'offline' \
+               AND last_heartbeat_at > now() - make_interval(secs => $1) \
+             ORDER BY started_at DESC",
+        )
+        .bind(fresh_secs as f64)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().map(Into::into).collect())
+    }
+}
