@@ -6,6 +6,7 @@
 //! - [`catalog`]    the workflow catalogue: loads and validates `manifests/*/`.
 //! - [`auth`]       credentials (argon2id passwords, API-key digests, session JWTs) → a `Principal`.
 //! - [`store`]      all SQL; tenant-owned queries take the tenant id first.
+//! - [`files`]      object storage, tenant-scoped keys, upload limits, signed links, safe URL inputs.
 //! - [`http`]       poem-openapi surfaces, problem+json errors, the credential middleware.
 //! - [`commands`]   what each CLI subcommand does.
 //! - [`dev`]        `comfyfleet dev`: the whole thing on a laptop, zero configuration.
@@ -17,6 +18,7 @@ pub mod commands;
 pub mod config;
 pub mod dev;
 pub mod domain;
+pub mod files;
 pub mod http;
 pub mod store;
 pub mod telemetry;
