@@ -131,9 +131,9 @@ fn embedded_v4(ip: Ipv6Addr) -> Option<Ipv4Addr> {
     );
     if let Some(mapped) = ip.to_ipv4_mapped() {
         Some(mapped)
-    } else if seg[..6] == [0, 0, 0, 0, 0, 0] && !ip.is_unspecified() && !ip.is_loopback() {
-        Some(low)
-    } else if seg[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+    } else if (seg[..6] == [0, 0, 0, 0, 0, 0] && !ip.is_unspecified() && !ip.is_loopback())
+        || seg[..6] == [0x64, 0xff9b, 0, 0, 0, 0]
+    {
         Some(low)
     } else if seg[0] == 0x2002 {
         Some(Ipv4Addr::new(

@@ -293,7 +293,7 @@ mod tests {
             format!("tenants/{t}/outputs/{j}"),
             format!("tenants/{t}/other/x.png"),
             format!("tenants/{t}/temp/x.png"),
-            format!("tenants/not-a-uuid/inputs/x.png"),
+            "tenants/not-a-uuid/inputs/x.png".to_string(),
             format!("tenants/{}/inputs/x.png", t.to_string().to_uppercase()),
             format!("tenants/{t}/outputs/{j}//x.png"),
         ] {

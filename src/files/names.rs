@@ -154,7 +154,7 @@ fn check_segment(raw: &str, what: &'static str) -> Result<(), NameError> {
     if raw.contains('\\') {
         return Err(NameError::Backslash { what });
     }
-    if raw.chars().any(char::is_control) {
+    if raw.chars().any(is_control_like) {
         return Err(NameError::ControlCharacter { what });
     }
     if raw.starts_with('.') {
@@ -170,6 +170,12 @@ fn check_segment(raw: &str, what: &'static str) -> Result<(), NameError> {
         });
     }
     Ok(())
+}
+
+/// Control characters, plus the invisible bidirectional overrides and BOM that make
+/// `gnp.exe` display as `exe.png`.
+fn is_control_like(c: char) -> bool {
+    c.is_control() || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{feff}')
 }
 
 /// Longest sanitised extension kept from an uploaded name; anything longer is
@@ -272,6 +278,7 @@ mod tests {
             "del\u{7f}",
             " lead",
             "trail ",
+            "evil\u{202e}gnp.exe",
         ] {
             assert!(SafeFilename::parse(bad).is_err(), "{bad:?} was accepted");
         }

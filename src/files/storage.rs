@@ -257,7 +257,7 @@ impl Files {
                     {
                         allow_http_set = true;
                     }
-                    builder = builder.with_config(key.clone(), value);
+                    builder = builder.with_config(*key, value);
                 }
                 // An http:// endpoint (MinIO in docker-compose) is useless without
                 // this; an explicit allow_http option still wins.

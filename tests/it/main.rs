@@ -5,5 +5,6 @@ mod support;
 
 mod auth;
 mod cli;
+mod files;
 mod keys_users;
 mod openapi;
