@@ -7,6 +7,7 @@
 //! - [`jobs`]       the job service: validate, queue, cancel; shared by every dialect.
 //! - [`auth`]       credentials (argon2id passwords, API-key digests, session JWTs) → a `Principal`.
 //! - [`store`]      all SQL; tenant-owned queries take the tenant id first.
+//! - [`files`]      object storage, tenant-scoped keys, upload limits, signed links, safe URL inputs.
 //! - [`http`]       poem-openapi surfaces, problem+json errors, the credential middleware.
 //! - [`commands`]   what each CLI subcommand does.
 //! - [`dev`]        `comfyfleet dev`: the whole thing on a laptop, zero configuration.
@@ -18,6 +19,7 @@ pub mod commands;
 pub mod config;
 pub mod dev;
 pub mod domain;
+pub mod files;
 pub mod http;
 pub mod jobs;
 pub mod store;

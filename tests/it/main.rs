@@ -5,6 +5,7 @@ mod support;
 
 mod auth;
 mod cli;
+mod files;
 mod jobs;
 mod keys_users;
 mod openapi;
