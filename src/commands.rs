@@ -11,6 +11,7 @@ use crate::auth::{AuthError, AuthService, password};
 use crate::catalog::WorkflowCatalog;
 use crate::config::{ApiArgs, ApiConfig, ConfigError, DatabaseArgs};
 use crate::domain::ids::ApiKeyId;
+use crate::files::{Files, LinkSigner, UrlFetcher};
 use crate::http::{self, AppState};
 use crate::jobs::JobService;
 use crate::store::{ConnectError, Store, StoreError};
@@ -109,8 +110,18 @@ pub async fn api_state(config: &ApiConfig) -> Result<AppState, CommandError> {
         Some(dir) => WorkflowCatalog::load_dir(dir),
     }
     .map_err(|e| ConfigError::new("COMFYFLEET_MANIFESTS", one_line(&e.to_string())))?;
+    let files = Files::open(&config.files.location)
+        .await
+        .map_err(|e| ConfigError::new("COMFYFLEET_OBJECT_STORE", e.to_string()))?;
+    let fetcher = UrlFetcher::new(config.files.url_fetch.clone())
+        .map_err(|e| CommandError::Invalid(format!("cannot set up the URL fetcher: {e}")))?;
     Ok(AppState {
         jobs: JobService::new(store.clone(), Arc::new(catalog)),
+        files,
+        links: LinkSigner::new(config.jwt_secret.expose().as_bytes(), config.files.link_ttl),
+        max_upload: config.files.max_upload,
+        fetcher: Arc::new(fetcher),
+        public_url: config.public_url.clone(),
         auth: AuthService::new(
             store.clone(),
             config.jwt_secret.expose().as_bytes(),
@@ -125,20 +136,31 @@ pub async fn api_state(config: &ApiConfig) -> Result<AppState, CommandError> {
 
 /// `comfyfleet api`: serves until SIGTERM or SIGINT.
 pub async fn api(args: &ApiArgs) -> Result<(), CommandError> {
-    let config = args.resolve()?;
+    let mut config = args.resolve()?;
+    let listener = bind(&mut config).await?;
     let state = api_state(&config).await?;
-    let listener = tokio::net::TcpListener::bind(config.bind)
-        .await
-        .map_err(|cause| CommandError::Bind {
-            addr: config.bind,
-            cause,
-        })?;
     let shutdown = CancellationToken::new();
     tokio::spawn(cancel_on_signal(shutdown.clone()));
     tracing::info!(public_url = %config.public_url, "comfyfleet API starting");
     http::serve(listener, state, shutdown).await?;
     tracing::info!("comfyfleet API stopped");
     Ok(())
+}
+
+/// Binds the configured address. With port 0 the system picks one; a default
+/// public URL then names the port actually bound, so links point somewhere real.
+pub async fn bind(config: &mut ApiConfig) -> Result<tokio::net::TcpListener, CommandError> {
+    let listener = tokio::net::TcpListener::bind(config.bind)
+        .await
+        .map_err(|cause| CommandError::Bind {
+            addr: config.bind,
+            cause,
+        })?;
+    let local = listener.local_addr()?;
+    if config.bind.port() == 0 && config.public_url.port() == Some(0) {
+        config.public_url.set_port(Some(local.port())).ok();
+    }
+    Ok(listener)
 }
 
 /// Fires `token` on SIGINT (Ctrl-C) or SIGTERM (what orchestrators send).

@@ -13,6 +13,9 @@ use std::time::Duration;
 
 use url::Url;
 
+use crate::files::settings::{DEFAULT_LINK_TTL, DEFAULT_LOCAL_DIR};
+use crate::files::{FilesConfig, FilesLocation, MaxUploadBytes};
+
 /// A setting that is missing or malformed. Displays as one line.
 #[derive(Debug, thiserror::Error)]
 #[error("{setting}: {problem}")]
@@ -76,7 +79,8 @@ pub struct ApiConfig {
     pub public_url: Url,
     pub jwt_secret: Secret,
     pub session_ttl: Duration,
-    pub object_store: ObjectStoreLocation,
+    /// Where inputs and outputs live, upload limits, signed-link lifetime.
+    pub files: FilesConfig,
     /// A directory of workflow manifests to serve instead of the built-in ones.
     pub manifests_dir: Option<PathBuf>,
 }
@@ -96,13 +100,6 @@ fn is_loopback_host(url: &Url) -> bool {
         Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
         None => false,
     }
-}
-
-/// Where inputs and outputs are stored.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum ObjectStoreLocation {
-    /// A directory on the local disk (the default: `./data/objects`).
-    LocalDir(PathBuf),
 }
 
 /// The raw strings for the database settings, as clap collected them.
@@ -175,9 +172,16 @@ pub struct ApiArgs {
     /// Session lifetime in seconds (default 7 days).
     #[arg(long, env = "COMFYFLEET_SESSION_TTL_SECS")]
     pub session_ttl_secs: Option<String>,
-    /// Object store location: a directory path or file:///path (default ./data/objects).
+    /// Where inputs and outputs are stored: a directory, file:///path,
+    /// s3://bucket/prefix?endpoint=…&region=…, or memory:// (default ./data/objects).
     #[arg(long, env = "COMFYFLEET_OBJECT_STORE")]
     pub object_store: Option<String>,
+    /// Largest accepted upload in bytes (default 104857600, as ComfyUI).
+    #[arg(long, env = "COMFYFLEET_MAX_UPLOAD_BYTES")]
+    pub max_upload_bytes: Option<String>,
+    /// Lifetime of signed download links in seconds (default 3600).
+    #[arg(long, env = "COMFYFLEET_LINK_TTL_SECS")]
+    pub link_ttl_secs: Option<String>,
     /// Directory of workflow manifests (<id>/manifest.yaml + workflow.json); default: the built-in ones.
     #[arg(long, env = "COMFYFLEET_MANIFESTS")]
     pub manifests: Option<String>,
@@ -257,7 +261,7 @@ impl ApiArgs {
                 "must be at least 1",
             ));
         }
-        let object_store = parse_object_store(self.object_store.as_deref())?;
+        let files = self.files()?;
         let manifests_dir = non_empty(self.manifests.as_deref()).map(PathBuf::from);
         Ok(ApiConfig {
             database,
@@ -267,9 +271,41 @@ impl ApiArgs {
             public_url,
             jwt_secret: Secret::new(jwt_secret),
             session_ttl: Duration::from_secs(ttl_secs),
-            object_store,
+            files,
             manifests_dir,
         })
+    }
+}
+
+impl ApiArgs {
+    fn files(&self) -> Result<FilesConfig, ConfigError> {
+        let location = match non_empty(self.object_store.as_deref()) {
+            None => FilesLocation::LocalDir(DEFAULT_LOCAL_DIR.into()),
+            Some(raw) => FilesLocation::parse(raw)
+                .map_err(|e| ConfigError::new("COMFYFLEET_OBJECT_STORE", e.to_string()))?,
+        };
+        let mut files = FilesConfig::at(location);
+        if let Some(raw) = non_empty(self.max_upload_bytes.as_deref()) {
+            let limit: MaxUploadBytes = raw.parse().map_err(|_| {
+                ConfigError::new(
+                    "COMFYFLEET_MAX_UPLOAD_BYTES",
+                    format!("{raw:?} is not a positive whole number of bytes"),
+                )
+            })?;
+            files = files.with_max_upload(limit);
+        }
+        let ttl = parse_or(
+            "COMFYFLEET_LINK_TTL_SECS",
+            self.link_ttl_secs.as_deref(),
+            DEFAULT_LINK_TTL.as_secs(),
+        )?;
+        if ttl == 0 {
+            return Err(ConfigError::new(
+                "COMFYFLEET_LINK_TTL_SECS",
+                "must be at least 1",
+            ));
+        }
+        Ok(files.with_link_ttl(Duration::from_secs(ttl)))
     }
 }
 
@@ -282,26 +318,6 @@ fn default_public_url(bind: SocketAddr) -> Url {
         IpAddr::V6(ip) => format!("[{ip}]"),
     };
     Url::parse(&format!("http://{host}:{}", bind.port())).expect("a socket address forms a URL")
-}
-
-fn parse_object_store(raw: Option<&str>) -> Result<ObjectStoreLocation, ConfigError> {
-    const SETTING: &str = "COMFYFLEET_OBJECT_STORE";
-    let Some(raw) = non_empty(raw) else {
-        return Ok(ObjectStoreLocation::LocalDir(PathBuf::from("data/objects")));
-    };
-    if let Some(rest) = raw.strip_prefix("file://") {
-        if rest.is_empty() {
-            return Err(ConfigError::new(SETTING, "file:// needs a path"));
-        }
-        return Ok(ObjectStoreLocation::LocalDir(PathBuf::from(rest)));
-    }
-    if raw.contains("://") {
-        return Err(ConfigError::new(
-            SETTING,
-            format!("{raw:?} is not supported; use a directory path or file:///path"),
-        ));
-    }
-    Ok(ObjectStoreLocation::LocalDir(PathBuf::from(raw)))
 }
 
 fn non_empty(raw: Option<&str>) -> Option<&str> {
@@ -372,8 +388,15 @@ mod tests {
         assert_eq!(a.resolve().unwrap_err().setting, "REDIS_URL");
 
         let mut a = valid_args();
-        a.object_store = Some("s3://bucket".into());
+        a.object_store = Some("ftp://bucket".into());
         assert_eq!(a.resolve().unwrap_err().setting, "COMFYFLEET_OBJECT_STORE");
+
+        let mut a = valid_args();
+        a.max_upload_bytes = Some("lots".into());
+        assert_eq!(
+            a.resolve().unwrap_err().setting,
+            "COMFYFLEET_MAX_UPLOAD_BYTES"
+        );
     }
 
     #[test]

@@ -46,22 +46,12 @@ pub async fn run(args: &DevArgs, out: &mut impl Write) -> Result<(), CommandErro
         // Sessions last as long as this process; a restart signs everyone out.
         api.jwt_secret = Some(hex::encode(rand::random::<[u8; 32]>()));
     }
-    let config = api.resolve()?;
+    let mut config = api.resolve()?;
     commands::create_database_if_missing(config.database.url.expose()).await?;
+    let listener = commands::bind(&mut config).await?;
     let state = commands::api_state(&config).await?;
     let api_key = ensure_dev_tenant(&state, args.api_key.as_deref()).await?;
-
-    let listener = tokio::net::TcpListener::bind(config.bind)
-        .await
-        .map_err(|cause| CommandError::Bind {
-            addr: config.bind,
-            cause,
-        })?;
-    let local = listener.local_addr()?;
-    let mut url = config.public_url.clone();
-    if config.bind.port() == 0 {
-        url.set_port(Some(local.port())).ok();
-    }
+    let url = config.public_url.clone();
     let banner = DevBanner {
         url: url.as_str().trim_end_matches('/').to_string(),
         email: DEV_EMAIL,

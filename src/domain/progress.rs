@@ -140,7 +140,8 @@ impl ProgressTracker {
             Value::from(info.map(|i| i.class_type.clone()).unwrap_or_default()),
         );
         entry.insert("items".into(), Value::Array(output_items(&output)));
-        self.node_outputs.insert(node.to_string(), Value::Object(entry));
+        self.node_outputs
+            .insert(node.to_string(), Value::Object(entry));
     }
 
     /// A preview frame arrived; returns its sequence number (1, 2, …).
@@ -171,7 +172,11 @@ impl ProgressTracker {
 
     pub fn state(&self, at: f64) -> ProgressState {
         let total_nodes = self.nodes.len();
-        let cached_count = self.cached.iter().filter(|n| self.nodes.contains_key(*n)).count();
+        let cached_count = self
+            .cached
+            .iter()
+            .filter(|n| self.nodes.contains_key(*n))
+            .count();
         let effective_total = total_nodes.saturating_sub(cached_count);
         let nodes_done = self.done.len().min(effective_total);
         let fraction = if self.total_steps > 0 {
@@ -217,9 +222,7 @@ impl ProgressTracker {
             return None;
         }
         let current_left = match (self.current.is_some(), rate) {
-            (true, Some(r)) if self.total_steps > 0 => {
-                (self.total_steps - self.step) as f64 / r
-            }
+            (true, Some(r)) if self.total_steps > 0 => (self.total_steps - self.step) as f64 / r,
             (true, _) => {
                 let avg = self.average_node_secs()?;
                 (avg - (at - self.current_since)).max(0.0)
@@ -276,18 +279,24 @@ mod tests {
     use serde_json::json;
 
     fn graph() -> BTreeMap<String, NodeInfo> {
-        [("1", "CheckpointLoaderSimple"), ("2", "CLIPTextEncode"), ("3", "KSampler"), ("4", "VAEDecode"), ("5", "SaveImage")]
-            .into_iter()
-            .map(|(id, class)| {
-                (
-                    id.to_string(),
-                    NodeInfo {
-                        class_type: class.into(),
-                        title: class.into(),
-                    },
-                )
-            })
-            .collect()
+        [
+            ("1", "CheckpointLoaderSimple"),
+            ("2", "CLIPTextEncode"),
+            ("3", "KSampler"),
+            ("4", "VAEDecode"),
+            ("5", "SaveImage"),
+        ]
+        .into_iter()
+        .map(|(id, class)| {
+            (
+                id.to_string(),
+                NodeInfo {
+                    class_type: class.into(),
+                    title: class.into(),
+                },
+            )
+        })
+        .collect()
     }
 
     #[test]
@@ -297,7 +306,10 @@ mod tests {
         t.cached(["1".to_string(), "2".to_string()]);
         t.executing(Some("3"), 0.0);
         let s = t.state(0.0);
-        assert_eq!((s.total_nodes, s.cached_count, s.effective_total), (5, 2, 3));
+        assert_eq!(
+            (s.total_nodes, s.cached_count, s.effective_total),
+            (5, 2, 3)
+        );
         assert_eq!(s.status, "running");
         assert_eq!(s.node_type.as_deref(), Some("KSampler"));
         assert_eq!(s.percent, 0);
@@ -347,7 +359,10 @@ mod tests {
         let mut t = ProgressTracker::new("p", None, None, graph());
         assert_eq!(t.preview(), 1);
         assert_eq!(t.preview(), 2);
-        t.executed("5", json!({"images": [{"filename": "a.png", "subfolder": "", "type": "output"}]}));
+        t.executed(
+            "5",
+            json!({"images": [{"filename": "a.png", "subfolder": "", "type": "output"}]}),
+        );
         let s = t.state(0.0);
         assert_eq!(s.preview_seq, 2);
         assert_eq!(s.node_outputs["5"]["items"][0]["media"], "image");

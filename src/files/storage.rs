@@ -108,14 +108,6 @@ impl FilesLocation {
     }
 }
 
-impl From<&crate::config::ObjectStoreLocation> for FilesLocation {
-    fn from(location: &crate::config::ObjectStoreLocation) -> Self {
-        match location {
-            crate::config::ObjectStoreLocation::LocalDir(dir) => Self::LocalDir(dir.clone()),
-        }
-    }
-}
-
 /// Shows where, never the option values: they may carry access keys.
 impl fmt::Debug for FilesLocation {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -5,6 +5,7 @@ pub mod admin;
 pub mod auth;
 pub mod cloud;
 pub mod health;
+pub mod inputs;
 pub mod keys;
 pub mod problem;
 pub mod runner;
@@ -21,8 +22,11 @@ use poem::{Endpoint, EndpointExt, Route, Server};
 use poem_openapi::{OpenApiService, Tags};
 use tokio_util::sync::CancellationToken;
 
+use std::sync::Arc;
+
 use crate::auth::AuthService;
 use crate::domain::ids::{JobId, TenantId};
+use crate::files::{Files, LinkSigner, MaxUploadBytes, UrlFetcher};
 use crate::jobs::{Accepted, JobService, SubmitError, SubmitOptions, WorkSpec};
 use crate::store::events::StoredEvent;
 use crate::store::jobs::{Cancelled, Job};
@@ -34,6 +38,15 @@ pub struct AppState {
     pub store: Store,
     pub auth: AuthService,
     pub jobs: JobService,
+    /// Inputs and outputs.
+    pub files: Files,
+    /// Signs and checks the download links of outputs and inputs.
+    pub links: LinkSigner,
+    pub max_upload: MaxUploadBytes,
+    /// Fetches URL inputs; refuses private and loopback addresses.
+    pub fetcher: Arc<UrlFetcher>,
+    /// Base of the links this pod hands out.
+    pub public_url: url::Url,
     /// `None` when the pod runs without Redis.
     pub redis: Option<redis::Client>,
     pub secure_cookies: bool,
@@ -118,6 +131,7 @@ pub type Apis = (
     users::UsersApi,
     runner::RunnerApi,
     cloud::CloudApi,
+    inputs::InputsApi,
     admin::AdminApi,
 );
 
@@ -132,6 +146,7 @@ pub fn api_service() -> OpenApiService<Apis, ()> {
             users::UsersApi,
             runner::RunnerApi,
             cloud::CloudApi,
+            inputs::InputsApi,
             admin::AdminApi,
         ),
         "comfyfleet",
@@ -149,6 +164,7 @@ pub fn app(state: AppState) -> impl Endpoint {
     let docs = api.swagger_ui();
     let spec = api.spec_endpoint();
     Route::new()
+        .at("/files/*path", poem::get(uploads::serve_signed))
         .nest("/", api)
         .nest("/docs", docs)
         .at("/openapi.json", spec)

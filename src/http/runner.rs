@@ -1,9 +1,10 @@
 //! The Runner API (seed 004): `/api/run/...`. Paths, fields and response shapes are
 //! the seed's; errors use its `{"detail": …}` body, except where the seed is silent.
 
+use poem::Body;
 use poem::web::Data;
 use poem_openapi::param::{Path, Query};
-use poem_openapi::payload::Json;
+use poem_openapi::payload::{self, Binary, Json};
 use poem_openapi::types::Any;
 use poem_openapi::types::multipart::Upload;
 use poem_openapi::{ApiResponse, Multipart, Object, OpenApi};
@@ -11,11 +12,14 @@ use serde_json::{Value, json};
 
 use super::problem::{ApiError, Problem};
 use super::security::Auth;
+use super::uploads::file_response;
 use super::{ApiTags, AppState};
 use crate::catalog::Workflow;
 use crate::domain::ids::JobId;
 use crate::domain::job::JobStatus;
+use crate::files::{ObjectKey, SafeFilename, SafeSubfolder};
 use crate::jobs::{SubmitError, SubmitOptions, WorkSpec};
+use crate::store::inputs::InputStatus;
 
 pub struct RunnerApi;
 
@@ -285,6 +289,65 @@ impl RunStatus {
     }
 }
 
+#[derive(Debug, Multipart)]
+pub struct UploadImageForm {
+    /// A PNG, JPEG or WebP image.
+    pub file: Upload,
+}
+
+#[derive(Debug, Object)]
+pub struct UploadedImage {
+    /// The stored name; pass it as `_existing_input_image` (or a LoadImage input).
+    pub filename: String,
+}
+
+/// A file's bytes; the Content-Type header says what it is.
+#[derive(ApiResponse)]
+pub enum FileResponse {
+    #[oai(status = 200)]
+    File(Binary<Body>),
+}
+
+/// Preferred kind of result for `GET /api/run/result/{prompt_id}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, poem_openapi::Enum)]
+#[oai(rename_all = "lowercase")]
+pub enum OutputPreference {
+    Video,
+    Image,
+}
+
+/// Which stored file `GET /api/comfyui/view` reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, poem_openapi::Enum)]
+#[oai(rename_all = "lowercase")]
+pub enum ViewType {
+    Input,
+    Output,
+}
+
+async fn serve_file(
+    state: &AppState,
+    object_key: &str,
+    content_type: &str,
+) -> Result<payload::Response<FileResponse>, RunnerError> {
+    let key = ObjectKey::parse(object_key).map_err(|_| RunnerError::not_found("file"))?;
+    let resp = file_response(state, &key, Some(content_type))
+        .await
+        .map_err(|e| {
+            if e.is_not_found() {
+                RunnerError::not_found("file")
+            } else {
+                tracing::error!(error = %e, "reading a stored file failed");
+                RunnerError::detail(500, json!("could not read the file"))
+            }
+        })?;
+    let (parts, body) = resp.into_parts();
+    let mut out = payload::Response::new(FileResponse::File(Binary(body)));
+    for (name, value) in parts.headers.iter() {
+        out = out.header(name.clone(), value.clone());
+    }
+    Ok(out)
+}
+
 /// Accepted values of `format` for `build`.
 #[derive(Debug, Clone, Copy, poem_openapi::Enum)]
 #[oai(rename_all = "lowercase")]
@@ -303,10 +366,10 @@ fn parse_params(raw: Option<&str>) -> Result<Value, RunnerError> {
     }
 }
 
-#[OpenApi(prefix_path = "/api/run", tag = "ApiTags::Runner")]
+#[OpenApi(tag = "ApiTags::Runner")]
 impl RunnerApi {
     /// List the workflows this fleet offers.
-    #[oai(path = "/", method = "get", operation_id = "listWorkflows")]
+    #[oai(path = "/api/run", method = "get", operation_id = "listWorkflows")]
     async fn list(&self, state: Data<&AppState>, _auth: Auth) -> Json<Vec<ManifestView>> {
         Json(
             state
@@ -319,7 +382,11 @@ impl RunnerApi {
     }
 
     /// The manifest of one workflow: inputs, outputs, requirements.
-    #[oai(path = "/:workflow_id", method = "get", operation_id = "getWorkflow")]
+    #[oai(
+        path = "/api/run/:workflow_id",
+        method = "get",
+        operation_id = "getWorkflow"
+    )]
     async fn get(
         &self,
         state: Data<&AppState>,
@@ -338,7 +405,7 @@ impl RunnerApi {
 
     /// Build a workflow with parameters applied, without running it.
     #[oai(
-        path = "/:workflow_id/build",
+        path = "/api/run/:workflow_id/build",
         method = "post",
         operation_id = "buildWorkflow"
     )]
@@ -377,7 +444,7 @@ impl RunnerApi {
 
     /// Run a workflow. Seeds of -1 are drawn at random and reported in `seeds`.
     #[oai(
-        path = "/:workflow_id/execute",
+        path = "/api/run/:workflow_id/execute",
         method = "post",
         operation_id = "executeWorkflow"
     )]
@@ -416,9 +483,113 @@ impl RunnerApi {
         }))
     }
 
+    /// Upload an input image; returns the unique name to use in later runs.
+    #[oai(
+        path = "/api/run/upload-image",
+        method = "post",
+        operation_id = "uploadImage"
+    )]
+    async fn upload_image(
+        &self,
+        state: Data<&AppState>,
+        auth: Auth,
+        form: UploadImageForm,
+    ) -> Result<Json<UploadedImage>, RunnerError> {
+        let filename = super::uploads::store_image(&state, auth.principal(), form.file).await?;
+        Ok(Json(UploadedImage { filename }))
+    }
+
+    /// The result file of a completed job (video preferred over images unless
+    /// `output_type=image`).
+    #[oai(
+        path = "/api/run/result/:prompt_id",
+        method = "get",
+        operation_id = "getRunResult"
+    )]
+    async fn result(
+        &self,
+        state: Data<&AppState>,
+        auth: Auth,
+        prompt_id: Path<String>,
+        output_type: Query<Option<OutputPreference>>,
+    ) -> Result<payload::Response<FileResponse>, RunnerError> {
+        let tenant = auth.principal().tenant_id;
+        let id: JobId = prompt_id
+            .parse()
+            .map_err(|_| RunnerError::not_found("job"))?;
+        let job = state
+            .store
+            .get_job(tenant, id)
+            .await?
+            .ok_or_else(|| RunnerError::not_found("job"))?;
+        if job.status != JobStatus::Completed {
+            return Err(RunnerError::detail(
+                404,
+                json!(format!("result not ready: the job is {}", job.status)),
+            ));
+        }
+        let outputs = state.store.list_outputs(tenant, id).await?;
+        let preferred = match output_type.0.unwrap_or(OutputPreference::Video) {
+            OutputPreference::Video => ["video", "image"],
+            OutputPreference::Image => ["image", "video"],
+        };
+        let chosen = preferred
+            .iter()
+            .find_map(|kind| outputs.iter().find(|o| o.kind == *kind))
+            .or_else(|| outputs.first())
+            .ok_or_else(|| RunnerError::not_found("output"))?;
+        serve_file(&state, &chosen.object_key, &chosen.content_type).await
+    }
+
+    /// An input or output file of the tenant, addressed as ComfyUI's `/view` does.
+    #[oai(path = "/api/comfyui/view", method = "get", operation_id = "viewFile")]
+    async fn view(
+        &self,
+        state: Data<&AppState>,
+        auth: Auth,
+        filename: Query<String>,
+        /// `input` (default) or `output`.
+        #[oai(name = "type")]
+        kind: Query<Option<ViewType>>,
+        subfolder: Query<Option<String>>,
+    ) -> Result<payload::Response<FileResponse>, RunnerError> {
+        let tenant = auth.principal().tenant_id;
+        let bad = |e: crate::files::NameError| RunnerError::detail(400, json!(e.to_string()));
+        let name = SafeFilename::parse(&filename).map_err(bad)?;
+        let sub = SafeSubfolder::parse(subfolder.0.as_deref().unwrap_or("")).map_err(bad)?;
+        match kind.0.unwrap_or(ViewType::Input) {
+            ViewType::Input => {
+                if !sub.is_root() {
+                    return Err(RunnerError::not_found("file"));
+                }
+                let input = state
+                    .store
+                    .find_input_by_filename(tenant, name.as_str())
+                    .await?
+                    .filter(|i| i.status == InputStatus::Ready)
+                    .ok_or_else(|| RunnerError::not_found("file"))?;
+                let key = input
+                    .object_key
+                    .ok_or_else(|| RunnerError::not_found("file"))?;
+                let ct = input
+                    .content_type
+                    .unwrap_or_else(|| crate::files::content_type_for(name.as_str()).into());
+                serve_file(&state, &key, &ct).await
+            }
+            ViewType::Output => {
+                let output = state
+                    .store
+                    .find_output_by_name(tenant, sub.as_str(), name.as_str())
+                    .await?
+                    .ok_or_else(|| RunnerError::not_found("file"))?;
+                serve_file(&state, &output.object_key, &output.content_type).await
+            }
+        }
+    }
+
     /// Poll a job: pending, running (with progress), completed (with outputs) or error.
     #[oai(
-        path = "/status/:prompt_id",
+        path = "/api/run/status/:prompt_id",
         method = "get",
         operation_id = "getRunStatus"
     )]

@@ -32,7 +32,9 @@ pub struct ClaimedJob {
 /// Whether a worker still holds a job it is running.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Lease {
-    Held { cancel_requested: bool },
+    Held {
+        cancel_requested: bool,
+    },
     /// The job was reaped, cancelled or finished elsewhere: stop working on it.
     Lost,
 }
@@ -119,9 +121,12 @@ impl Store {
             id,
             workflow_id: job.workflow_id.as_deref(),
         };
-        let events =
-            events::append(&mut tx, tenant, &[facts.started(&worker.to_string(), attempt.0)])
-                .await?;
+        let events = events::append(
+            &mut tx,
+            tenant,
+            &[facts.started(&worker.to_string(), attempt.0)],
+        )
+        .await?;
         tx.commit().await?;
         Ok(Some(ClaimedJob { job, events }))
     }

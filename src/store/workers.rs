@@ -94,10 +94,12 @@ impl Store {
     }
 
     pub async fn deregister_worker(&self, id: WorkerId) -> Result<(), StoreError> {
-        sqlx::query("UPDATE workers SET status = 'offline', last_heartbeat_at = now() WHERE id = $1")
-            .bind(id.as_uuid())
-            .execute(&self.pool)
-            .await?;
+        sqlx::query(
+            "UPDATE workers SET status = 'offline', last_heartbeat_at = now() WHERE id = $1",
+        )
+        .bind(id.as_uuid())
+        .execute(&self.pool)
+        .await?;
         Ok(())
     }
 

@@ -10,3 +10,4 @@ mod jobs;
 mod keys_users;
 mod openapi;
 mod runner;
+mod uploads;

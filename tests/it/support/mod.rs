@@ -85,6 +85,8 @@ impl Drop for TestDb {
 
 /// A running API pod over its own database.
 pub struct TestApp {
+    /// Holds the object store directory for the app's lifetime.
+    pub files_dir: tempfile::TempDir,
     pub addr: SocketAddr,
     pub base: String,
     pub db: TestDb,
@@ -100,8 +102,9 @@ impl Drop for TestApp {
     }
 }
 
-pub fn api_args(db: &TestDb) -> ApiArgs {
+pub fn api_args(db: &TestDb, files_dir: &std::path::Path) -> ApiArgs {
     ApiArgs {
+        object_store: Some(files_dir.display().to_string()),
         database: db.args(),
         redis_url: Some(redis_url()),
         redis_prefix: Some(format!("cftest:{}", uuid::Uuid::new_v4().simple())),
@@ -112,16 +115,30 @@ pub fn api_args(db: &TestDb) -> ApiArgs {
 }
 
 pub async fn spawn_app() -> TestApp {
+    spawn_app_with(|_| {}, |_| {}).await
+}
+
+/// Like [`spawn_app`], letting the test adjust the settings and the state first.
+pub async fn spawn_app_with(
+    adjust_args: impl FnOnce(&mut ApiArgs),
+    adjust_state: impl FnOnce(&mut AppState),
+) -> TestApp {
     let db = TestDb::create().await;
-    let config = api_args(&db).resolve().expect("test config is valid");
-    let state = comfyfleet::commands::api_state(&config)
-        .await
-        .expect("api state");
+    let files_dir = tempfile::tempdir().expect("temp dir");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    let mut args = api_args(&db, files_dir.path());
+    args.public_url = Some(format!("http://{addr}"));
+    adjust_args(&mut args);
+    let config = args.resolve().expect("test config is valid");
+    let mut state = comfyfleet::commands::api_state(&config)
+        .await
+        .expect("api state");
+    adjust_state(&mut state);
     let shutdown = CancellationToken::new();
     tokio::spawn(http::serve(listener, state.clone(), shutdown.clone()));
     TestApp {
+        files_dir,
         addr,
         base: format!("http://{addr}"),
         store: state.store.clone(),
@@ -229,4 +246,34 @@ pub fn binary() -> &'static str {
 
 pub fn spawn_db_args(db: &TestDb) -> DatabaseArgs {
     db.args()
+}
+
+/// A valid 1×1 red PNG.
+pub fn tiny_png() -> Vec<u8> {
+    hex::decode(
+        "89504e470d0a1a0a0000000d4948445200000001000000010802000000907753de\
+         0000000c49444154789c63f8cfc0000003010100c9fe92ef0000000049454e44ae426082",
+    )
+    .unwrap()
+}
+
+/// Polls `check` until it yields a value or `deadline_secs` pass. For outcomes of
+/// background work that has no stream to wait on; each attempt is a real request.
+pub async fn eventually<T, F, Fut>(deadline_secs: u64, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(deadline_secs);
+    let mut pace = tokio::time::interval(Duration::from_millis(25));
+    loop {
+        pace.tick().await;
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "condition not met within {deadline_secs}s"
+        );
+    }
 }
