@@ -113,7 +113,7 @@ pub async fn api_state(config: &ApiConfig) -> Result<AppState, CommandError> {
     let files = Files::open(&config.files.location)
         .await
         .map_err(|e| ConfigError::new("COMFYFLEET_OBJECT_STORE", e.to_string()))?;
-    let fetcher = UrlFetcher::new(config.files.url_fetch.clone())
+    let fetcher = UrlFetcher::new(config.files.url_fetch)
         .map_err(|e| CommandError::Invalid(format!("cannot set up the URL fetcher: {e}")))?;
     Ok(AppState {
         jobs: JobService::new(store.clone(), Arc::new(catalog)),

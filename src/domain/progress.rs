@@ -155,10 +155,11 @@ impl ProgressTracker {
     }
 
     fn finish_current(&mut self, at: f64) {
-        if let Some(node) = self.current.take() {
-            if !self.cached.contains(&node) && self.done.insert(node) {
-                self.node_durations.push((at - self.current_since).max(0.0));
-            }
+        if let Some(node) = self.current.take()
+            && !self.cached.contains(&node)
+            && self.done.insert(node)
+        {
+            self.node_durations.push((at - self.current_since).max(0.0));
         }
     }
 
