@@ -12,6 +12,7 @@
 //! - [`commands`]   what each CLI subcommand does.
 //! - [`dev`]        `comfyfleet dev`: the whole thing on a laptop, zero configuration.
 //! - [`telemetry`]  structured logging setup.
+//! - [`worker`]     the worker pod: claim, run on ComfyUI, publish progress, finish.
 
 pub mod auth;
 pub mod catalog;
@@ -24,3 +25,4 @@ pub mod http;
 pub mod jobs;
 pub mod store;
 pub mod telemetry;
+pub mod worker;

@@ -1,0 +1,3 @@
+//! The worker pod: claims jobs, drives one ComfyUI, publishes progress.
+
+pub mod comfy;
