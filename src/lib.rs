@@ -5,6 +5,8 @@
 //! - [`domain`]     ids, manifests, prompt graphs and their validation, run parameters; no IO.
 //! - [`catalog`]    the workflow catalogue: loads and validates `manifests/*/`.
 //! - [`auth`]       credentials (argon2id passwords, API-key digests, session JWTs) → a `Principal`.
+//! - [`bus`]        the fan-out fabric: envelope codec, Redis and in-process pub/sub behind one `Bus`.
+//! - [`hub`]        per-pod connection registry: one bus feed per tenant → N bounded, coalescing outboxes.
 //! - [`store`]      all SQL; tenant-owned queries take the tenant id first.
 //! - [`http`]       poem-openapi surfaces, problem+json errors, the credential middleware.
 //! - [`commands`]   what each CLI subcommand does.
@@ -12,11 +14,13 @@
 //! - [`telemetry`]  structured logging setup.
 
 pub mod auth;
+pub mod bus;
 pub mod catalog;
 pub mod commands;
 pub mod config;
 pub mod dev;
 pub mod domain;
 pub mod http;
+pub mod hub;
 pub mod store;
 pub mod telemetry;

@@ -1,0 +1,2 @@
+//! The fan-out fabric.
+pub mod envelope;

@@ -1,0 +1,1 @@
+//! Per-pod connection registry.
