@@ -6,3 +6,4 @@ pub mod ids;
 pub mod manifest;
 pub mod node_catalogue;
 pub mod params;
+pub mod patterns;

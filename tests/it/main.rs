@@ -4,6 +4,7 @@
 mod support;
 
 mod auth;
+mod bus;
 mod cli;
 mod keys_users;
 mod openapi;
