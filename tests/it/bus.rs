@@ -10,6 +10,8 @@ use comfyfleet::bus::{
     Bus, BusConfig, BusItem, ControlName, Envelope, EnvelopeKind, ResyncCause, Subscription, Topic,
 };
 use comfyfleet::domain::ids::{JobId, TenantId};
+use comfyfleet::domain::patterns::PatternSet;
+use comfyfleet::hub::{CLOSE_GOING_AWAY, CloseReason, Connection, Filter, Hub, Next, OutboxLimits};
 use tokio::time::{Instant, timeout};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -313,12 +315,20 @@ async fn redis_restart_resubscribes_and_signals_resync() {
     let receiver = Pod::redis(&url, &prefix).await;
     let tenant = TenantId::new();
     let mut sub = receiver.bus.subscribe(tenant).await;
+    let hub = Hub::new(
+        receiver.bus.clone(),
+        OutboxLimits::default(),
+        receiver.shutdown.clone(),
+        &receiver.tasks,
+    );
+    let conn = hub.attach(tenant, Filter::all()).await;
     publisher
         .bus
         .publish(&event(tenant, 1, "job.queued"))
         .await
         .unwrap();
     assert_eq!(next_envelope(&mut sub).await.id, 1);
+    assert_eq!(next_from(&conn).await.envelope().unwrap().id, 1);
 
     let (port, dir) = redis.kill().await;
     let redis = OwnRedis::start_on(port, dir).await;
@@ -345,8 +355,159 @@ async fn redis_restart_resubscribes_and_signals_resync() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(next_envelope(&mut sub).await.id, 2);
+    // A hub connection learns of the gap in order: replay, then live again.
+    assert!(matches!(next_from(&conn).await, Next::Resync));
+    assert_eq!(next_from(&conn).await.envelope().unwrap().id, 2);
 
+    drop(conn);
     publisher.stop().await;
     receiver.stop().await;
     drop(redis);
+}
+
+async fn next_from(conn: &Connection) -> Next {
+    timeout(DEADLINE, conn.next())
+        .await
+        .expect("a delivery before the deadline")
+}
+
+#[tokio::test]
+async fn hub_fans_out_to_1000_connections_sharing_one_payload() {
+    let url = redis_url();
+    let prefix = unique_prefix();
+    let publisher = Pod::redis(&url, &prefix).await;
+    let pod = Pod::redis(&url, &prefix).await;
+    let hub = Hub::new(
+        pod.bus.clone(),
+        OutboxLimits::default(),
+        pod.shutdown.clone(),
+        &pod.tasks,
+    );
+    let (tenant, other) = (TenantId::new(), TenantId::new());
+    let mut conns = Vec::new();
+    for _ in 0..1000 {
+        conns.push(hub.attach(tenant, Filter::all()).await);
+    }
+    let bystander = hub.attach(other, Filter::all()).await;
+    assert_eq!(hub.connection_count(), 1001);
+    // One Redis subscription per tenant, however many connections.
+    assert_eq!(hub.tenant_count(), 2);
+    assert_eq!(pod.bus.subscribed_channels(), 2);
+    let channel = pod.bus.channel_name(&Topic::Tenant(tenant));
+    let mut redis_conn = redis::Client::open(url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let (_, subscribers): (String, u64) = redis::cmd("PUBSUB")
+        .arg("NUMSUB")
+        .arg(&channel)
+        .query_async(&mut redis_conn)
+        .await
+        .unwrap();
+    assert_eq!(subscribers, 1);
+
+    let job = JobId::new();
+    let preview = Envelope::preview(tenant, job, 1, "9", "image/png", image()).unwrap();
+    publisher.bus.publish(&preview).await.unwrap();
+    publisher
+        .bus
+        .publish(&event(tenant, 77, "job.completed"))
+        .await
+        .unwrap();
+
+    let mut preview_ptr = None;
+    let mut event_ptr = None;
+    for conn in &conns {
+        let got = next_from(conn).await;
+        let env = got.envelope().expect("the preview");
+        assert_eq!(env.kind, EnvelopeKind::Preview);
+        assert_eq!(env.payload.len(), image().len());
+        // Every connection holds the very same bytes: one decode, no copies.
+        assert_eq!(
+            *preview_ptr.get_or_insert(env.payload.as_ptr()),
+            env.payload.as_ptr()
+        );
+        let got = next_from(conn).await;
+        let env = got.envelope().expect("the event");
+        assert_eq!(env.id, 77);
+        assert_eq!(
+            *event_ptr.get_or_insert(env.payload.as_ptr()),
+            env.payload.as_ptr()
+        );
+        assert!(conn.try_next().is_none());
+        assert_eq!(conn.last_event_id(), Some(77));
+    }
+    assert!(bystander.try_next().is_none(), "another tenant saw nothing");
+
+    // The last connection of a tenant leaving releases its channel on Redis.
+    conns.truncate(1);
+    assert_eq!(hub.tenant_count(), 2);
+    drop(conns);
+    assert_eq!(hub.tenant_count(), 1);
+    let bystander_channel = pod.bus.channel_name(&Topic::Tenant(other));
+    wait_for_channels(&url, &prefix, &[bystander_channel]).await;
+    drop(bystander);
+    wait_for_channels(&url, &prefix, &[]).await;
+
+    publisher.stop().await;
+    pod.stop().await;
+}
+
+#[tokio::test]
+async fn hub_filters_by_event_pattern() {
+    let bus = Bus::in_process(BusConfig::new(unique_prefix()));
+    let shutdown = CancellationToken::new();
+    let tasks = TaskTracker::new();
+    let hub = Hub::new(
+        bus.clone(),
+        OutboxLimits::default(),
+        shutdown.clone(),
+        &tasks,
+    );
+    let tenant = TenantId::new();
+    let patterns = PatternSet::parse_all(["job.completed", "model.*"]).unwrap();
+    let conn = hub
+        .attach(
+            tenant,
+            Filter::new(move |env| {
+                env.kind == EnvelopeKind::Event
+                    && env.event_type().is_some_and(|t| patterns.matches(t))
+            }),
+        )
+        .await;
+    let everything = hub.attach(tenant, Filter::all()).await;
+    for (id, ty) in [(1, "job.started"), (2, "job.completed"), (3, "model.ready")] {
+        bus.publish(&event(tenant, id, ty)).await.unwrap();
+    }
+    let progress = Envelope::new(tenant, EnvelopeKind::Progress, Bytes::from_static(b"{}"));
+    bus.publish(&progress).await.unwrap();
+    assert_eq!(next_from(&conn).await.envelope().unwrap().id, 2);
+    assert_eq!(next_from(&conn).await.envelope().unwrap().id, 3);
+    for id in [1, 2, 3] {
+        assert_eq!(next_from(&everything).await.envelope().unwrap().id, id);
+    }
+    assert_eq!(
+        next_from(&everything).await.envelope().unwrap().kind,
+        EnvelopeKind::Progress
+    );
+
+    conn.set_filter(Filter::all());
+    bus.publish(&event(tenant, 4, "job.started")).await.unwrap();
+    assert_eq!(next_from(&conn).await.envelope().unwrap().id, 4);
+    assert!(conn.try_next().is_none());
+
+    // Shutting the hub down closes its connections with "going away".
+    shutdown.cancel();
+    match next_from(&conn).await {
+        Next::Close(reason) => {
+            assert_eq!(reason, CloseReason::ShuttingDown);
+            assert_eq!(reason.code(), CLOSE_GOING_AWAY);
+        }
+        other => panic!("expected Close, got {other:?}"),
+    }
+    tasks.close();
+    timeout(DEADLINE, tasks.wait()).await.expect("pumps stop");
+    drop((conn, everything));
+    assert_eq!(bus.subscribed_channels(), 0);
 }
