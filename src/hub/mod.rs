@@ -10,7 +10,49 @@
 //!
 //! The pump never waits on a client: pushing into an outbox is a short lock, a
 //! latest-wins replace or a bounded append, and at most one wake-up. Every outbox
-//! receives the same [`SharedEnvelope`], so payloads and rendered frames are shared.
+//! receives the same [`SharedEnvelope`](crate::bus::SharedEnvelope), so payloads and
+//! rendered frames are shared.
+//!
+//! A transport is a thin loop over a [`Connection`] (sketch; `ws`, `render_cloud` and
+//! `replay_after` belong to the dialect):
+//!
+//! ```ignore
+//! let conn = hub.attach(tenant, Filter::new(|_| false)).await; // until `subscribe`
+//! if let Some(since) = resume_from {
+//!     let last = replay_after(&store, tenant, since, &mut ws).await?; // event log
+//!     conn.skip_events_through(last);
+//! }
+//! loop {
+//!     tokio::select! {
+//!         msg = ws.next() => match msg {
+//!             Some(Ok(subscribe)) => {
+//!                 let patterns = PatternSet::parse_all(subscribe.events())?;
+//!                 conn.set_filter(Filter::new(move |env| {
+//!                     env.event_type().is_some_and(|t| patterns.matches(t))
+//!                 }));
+//!             }
+//!             _ => break, // client gone: dropping `conn` detaches it
+//!         },
+//!         next = conn.next() => match next {
+//!             Next::Envelope(env) => {
+//!                 // Rendered once per pod for all CloudWs sockets; a clone of Bytes here.
+//!                 if let Some(frame) = env.rendered(Dialect::CloudWs, render_cloud) {
+//!                     ws.send(frame).await?; // while this waits, the outbox coalesces
+//!                 }
+//!             }
+//!             Next::Resync => {
+//!                 let last = replay_after(&store, tenant, conn.last_event_id(), &mut ws).await?;
+//!                 conn.skip_events_through(last);
+//!             }
+//!             Next::Close(reason) => {
+//!                 ws.close(reason.code(), reason.reason()).await;
+//!                 break;
+//!             }
+//!         },
+//!         _ = shutdown.cancelled() => break,
+//!     }
+//! }
+//! ```
 
 pub mod outbox;
 

@@ -252,3 +252,14 @@ async fn next_sleeps_until_something_arrives_and_is_cancel_safe() {
         Next::Close(CloseReason::ShuttingDown)
     ));
 }
+
+#[test]
+fn an_idle_outbox_is_small_and_owns_no_heap() {
+    // Everything inline; the queue and slot vectors allocate only when used.
+    let size = std::mem::size_of::<Outbox>();
+    assert!(size <= 256, "Outbox is {size} bytes");
+    let outbox = Outbox::new(OutboxLimits::default());
+    let state = outbox.lock();
+    assert_eq!(state.lifecycle.capacity(), 0);
+    assert_eq!(state.latest.capacity(), 0);
+}
