@@ -220,7 +220,13 @@ impl State {
                 if self.already_sent(envelope.id) {
                     continue;
                 }
-                self.last_event_id = Some(envelope.id);
+                // Publishes follow commits from different tasks, so two events can
+                // arrive out of id order; resuming after the highest id is still gap-free
+                // because both were handed out.
+                self.last_event_id = Some(
+                    self.last_event_id
+                        .map_or(envelope.id, |l| l.max(envelope.id)),
+                );
                 return Some(Next::Envelope(envelope));
             }
             let (_, envelope) = self.latest.swap_remove(slot.expect("slot exists"));

@@ -263,3 +263,15 @@ fn an_idle_outbox_is_small_and_owns_no_heap() {
     assert_eq!(state.lifecycle.capacity(), 0);
     assert_eq!(state.latest.capacity(), 0);
 }
+
+#[test]
+fn last_event_id_is_the_highest_handed_out() {
+    let tenant = TenantId::new();
+    let outbox = Outbox::new(OutboxLimits::default());
+    // Two commits in id order whose publishes raced: both are delivered.
+    outbox.push(&shared(tenant, EnvelopeKind::Event, None, 6));
+    outbox.push(&shared(tenant, EnvelopeKind::Event, None, 5));
+    let ids: Vec<u64> = drain(&outbox).into_iter().map(|(_, _, id)| id).collect();
+    assert_eq!(ids, vec![6, 5]);
+    assert_eq!(outbox.last_event_id(), Some(6));
+}
