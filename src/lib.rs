@@ -6,6 +6,8 @@
 //! - [`catalog`]    the workflow catalogue: loads and validates `manifests/*/`.
 //! - [`jobs`]       the job service: validate, queue, cancel; shared by every dialect.
 //! - [`auth`]       credentials (argon2id passwords, API-key digests, session JWTs) → a `Principal`.
+//! - [`bus`]        the fan-out fabric: envelope codec, Redis and in-process pub/sub behind one `Bus`.
+//! - [`hub`]        per-pod connection registry: one bus feed per tenant → N bounded, coalescing outboxes.
 //! - [`store`]      all SQL; tenant-owned queries take the tenant id first.
 //! - [`files`]      object storage, tenant-scoped keys, upload limits, signed links, safe URL inputs.
 //! - [`http`]       poem-openapi surfaces, problem+json errors, the credential middleware.
@@ -15,6 +17,7 @@
 //! - [`worker`]     the worker pod: claim, run on ComfyUI, publish progress, finish.
 
 pub mod auth;
+pub mod bus;
 pub mod catalog;
 pub mod commands;
 pub mod config;
@@ -22,6 +25,7 @@ pub mod dev;
 pub mod domain;
 pub mod files;
 pub mod http;
+pub mod hub;
 pub mod jobs;
 pub mod store;
 pub mod telemetry;

@@ -8,4 +8,5 @@ pub mod job;
 pub mod manifest;
 pub mod node_catalogue;
 pub mod params;
+pub mod patterns;
 pub mod progress;

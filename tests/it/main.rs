@@ -4,6 +4,7 @@
 mod support;
 
 mod auth;
+mod bus;
 mod cli;
 mod files;
 mod jobs;
