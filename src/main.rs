@@ -19,11 +19,16 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .init();
     match Cli::parse().command {
         Command::Sim(args) => {
             let listener = tokio::net::TcpListener::bind(args.bind).await?;
-            eprintln!("comfyfleet sim listening on http://{}", listener.local_addr()?);
+            eprintln!(
+                "comfyfleet sim listening on http://{}",
+                listener.local_addr()?
+            );
             let shutdown = CancellationToken::new();
             let stop = shutdown.clone();
             tokio::spawn(async move {

@@ -125,7 +125,11 @@ impl<'a> ClassInfo<'a> {
     pub fn inputs(&self) -> Vec<(&'a str, bool, &'a Value)> {
         let mut out = Vec::new();
         for (group, required) in [("required", true), ("optional", false)] {
-            if let Some(map) = self.0.pointer(&format!("/input/{group}")).and_then(Value::as_object) {
+            if let Some(map) = self
+                .0
+                .pointer(&format!("/input/{group}"))
+                .and_then(Value::as_object)
+            {
                 for (name, spec) in map {
                     out.push((name.as_str(), required, spec));
                 }
@@ -144,8 +148,15 @@ mod tests {
         let cat = Catalog::new();
         let info = cat.render(&super::super::default_models(), &["example.png".to_owned()]);
         let ckpts = info["CheckpointLoaderSimple"]["input"]["required"]["ckpt_name"][0].clone();
-        assert!(ckpts.as_array().is_some_and(|a| a.contains(&json!("sd_xl_base_1.0.safetensors"))));
-        assert_eq!(info["LoadImage"]["input"]["required"]["image"][0], json!(["example.png"]));
+        assert!(
+            ckpts
+                .as_array()
+                .is_some_and(|a| a.contains(&json!("sd_xl_base_1.0.safetensors")))
+        );
+        assert_eq!(
+            info["LoadImage"]["input"]["required"]["image"][0],
+            json!(["example.png"])
+        );
         let vae = info["VAELoader"]["input"]["required"]["vae_name"][0].clone();
         assert_eq!(vae, json!(["wan_2.1_vae.safetensors", "pixel_space"]));
         assert!(ClassInfo(&info["SaveImage"]).is_output());

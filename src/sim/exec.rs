@@ -60,7 +60,11 @@ pub async fn worker(shared: Arc<Shared>) {
         }
         st.queue_updated();
         if let Some(c) = client {
-            st.send_json(Some(&c), "executing", json!({"node": null, "prompt_id": prompt_id}));
+            st.send_json(
+                Some(&c),
+                "executing",
+                json!({"node": null, "prompt_id": prompt_id}),
+            );
         }
     }
 }
@@ -151,7 +155,11 @@ impl<'a> ExecList<'a> {
             self.pending.insert(u.clone());
             self.block_count.insert(u.clone(), 0);
             self.blocking.entry(u.clone()).or_default();
-            let inputs = self.prompt.get(&u).and_then(|n| n.get("inputs")).and_then(Value::as_object);
+            let inputs = self
+                .prompt
+                .get(&u)
+                .and_then(|n| n.get("inputs"))
+                .and_then(Value::as_object);
             for v in inputs.into_iter().flat_map(|m| m.values()) {
                 if let Some((from, _)) = nodes::as_link(v)
                     && self.prompt.contains_key(from)
@@ -184,7 +192,11 @@ impl<'a> ExecList<'a> {
         available
             .iter()
             .find(|id| self.is_output(id))
-            .or_else(|| available.iter().find(|id| blocked(id).any(|b| self.is_output(b))))
+            .or_else(|| {
+                available
+                    .iter()
+                    .find(|id| blocked(id).any(|b| self.is_output(b)))
+            })
             .or_else(|| {
                 available
                     .iter()
@@ -274,12 +286,20 @@ impl Run {
 
     fn send_progress_state(&self) {
         let data = self.progress_state_data();
-        self.shared.lock().send_json(self.client.as_deref(), "progress_state", data);
+        self.shared
+            .lock()
+            .send_json(self.client.as_deref(), "progress_state", data);
     }
 
     /// A progress-bar tick: `progress_state`, then the preview and `progress` in the
     /// order the client's feature flags call for.
-    pub fn tick(&mut self, node: &str, value: u64, max: u64, preview: Option<(ImageKind, Vec<u8>)>) {
+    pub fn tick(
+        &mut self,
+        node: &str,
+        value: u64,
+        max: u64,
+        preview: Option<(ImageKind, Vec<u8>)>,
+    ) {
         self.progress
             .insert(node.to_owned(), (json!(value), json!(max), "running"));
         let ps = protocol::message("progress_state", self.progress_state_data());
@@ -293,7 +313,8 @@ impl Run {
                 st.send_to(c, Message::Text(ps));
                 let meta = st.supports_metadata(c);
                 if meta && let Some((kind, img)) = &preview {
-                    let frame = protocol::preview_frame_with_metadata(*kind, img, self.prompt_id(), node);
+                    let frame =
+                        protocol::preview_frame_with_metadata(*kind, img, self.prompt_id(), node);
                     st.send_to(c, Message::Binary(frame));
                 }
                 st.send_to(c, Message::Text(progress));
@@ -324,6 +345,16 @@ impl Run {
         self.shared.lock().interrupt || self.shared.shutdown.is_cancelled()
     }
 
+    /// Works for `d`; only shutdown cuts it short.
+    pub async fn busy(&self, d: std::time::Duration) {
+        if !d.is_zero() {
+            tokio::select! {
+                _ = tokio::time::sleep(d) => {}
+                _ = self.shared.shutdown.cancelled() => {}
+            }
+        }
+    }
+
     /// Sleeps, waking early on an interrupt; `Err` if the prompt was interrupted.
     pub async fn pause(&self, d: std::time::Duration) -> Result<(), NodeError> {
         let woken = self.shared.interrupted.notified();
@@ -337,7 +368,11 @@ impl Run {
                 _ = self.shared.shutdown.cancelled() => {}
             }
         }
-        if self.interrupted() { Err(NodeError::Interrupted) } else { Ok(()) }
+        if self.interrupted() {
+            Err(NodeError::Interrupted)
+        } else {
+            Ok(())
+        }
     }
 
     /// Returns whether the prompt succeeded.
@@ -365,8 +400,15 @@ impl Run {
             }
             sigs
         };
-        let cached: Vec<&String> = prompt.keys().filter(|id| results.contains_key(*id)).collect();
-        self.add_message("execution_cached", json!({"nodes": cached, "prompt_id": pid}), false);
+        let cached: Vec<&String> = prompt
+            .keys()
+            .filter(|id| results.contains_key(*id))
+            .collect();
+        self.add_message(
+            "execution_cached",
+            json!({"nodes": cached, "prompt_id": pid}),
+            false,
+        );
         let cached: HashSet<String> = cached.into_iter().cloned().collect();
 
         let mut list = ExecList {
@@ -395,7 +437,8 @@ impl Run {
                 if let Some(ui) = &entry.ui {
                     self.record_output(&id, ui.clone());
                 }
-                self.progress.insert(id.clone(), (json!(1), json!(1), "finished"));
+                self.progress
+                    .insert(id.clone(), (json!(1), json!(1), "finished"));
                 self.send_progress_state();
             } else {
                 match self.run_node(&id, &prompt, &results).await {
@@ -438,13 +481,20 @@ impl Run {
             .insert(id.to_owned(), (json!(0.0), json!(1.0), "running"));
         self.send_progress_state();
         self.shared.lock().last_node_id = Some(id.to_owned());
-        self.send_client("executing", json!({"node": id, "display_node": id, "prompt_id": pid}));
+        self.send_client(
+            "executing",
+            json!({"node": id, "display_node": id, "prompt_id": pid}),
+        );
         if self.interrupted() {
             return Err(NodeError::Interrupted);
         }
         let node = &prompt[id];
         let class = node["class_type"].as_str().unwrap_or("");
-        let inputs = node.get("inputs").and_then(Value::as_object).cloned().unwrap_or_default();
+        let inputs = node
+            .get("inputs")
+            .and_then(Value::as_object)
+            .cloned()
+            .unwrap_or_default();
         let mut linked: HashMap<String, Val> = HashMap::new();
         for (name, v) in &inputs {
             if let Some((src, slot)) = nodes::as_link(v)
@@ -453,9 +503,9 @@ impl Run {
                 linked.insert(name.clone(), val.clone());
             }
         }
-        if let Some(FaultKind::DropWebSocket { at_step: 0 }) =
-            self.knobs.fault(id, class, |k| matches!(k, FaultKind::DropWebSocket { at_step: 0 }))
-        {
+        if let Some(FaultKind::DropWebSocket { at_step: 0 }) = self.knobs.fault(id, class, |k| {
+            matches!(k, FaultKind::DropWebSocket { at_step: 0 })
+        }) {
             self.drop_client_socket();
         }
         let entry = nodes::run(self, id, class, &inputs, linked).await?;
@@ -488,7 +538,11 @@ impl Run {
                 json!({"prompt_id": pid, "node_id": id, "node_type": class, "executed": executed}),
                 true,
             ),
-            NodeError::Failed { exception_type, message, traceback } => {
+            NodeError::Failed {
+                exception_type,
+                message,
+                traceback,
+            } => {
                 let inputs = prompt
                     .get(id)
                     .and_then(|n| n.get("inputs"))
@@ -499,6 +553,31 @@ impl Run {
                             .collect::<Map<String, Value>>()
                     })
                     .unwrap_or_default();
+                let mut inputs = inputs;
+                // Hidden inputs are passed to the node too, so ComfyUI lists them.
+                let info = self.shared.object_info();
+                let hidden = class
+                    .as_str()
+                    .and_then(|c| info.get(c))
+                    .and_then(|i| i.pointer("/input/hidden"))
+                    .and_then(Value::as_object);
+                for (name, kind) in hidden.into_iter().flatten() {
+                    let kind = kind
+                        .as_str()
+                        .or_else(|| kind.get(0).and_then(Value::as_str));
+                    let v = match kind {
+                        Some("PROMPT") => json!(protocol::py_repr(&Value::Object(prompt.clone()))),
+                        Some("EXTRA_PNGINFO") => self
+                            .item
+                            .extra_data
+                            .get("extra_pnginfo")
+                            .cloned()
+                            .unwrap_or(Value::Null),
+                        Some("UNIQUE_ID") => json!(id),
+                        _ => Value::Null,
+                    };
+                    inputs.insert(name.clone(), json!([v]));
+                }
                 let outputs: Vec<&String> = prompt.keys().collect();
                 self.add_message(
                     "execution_error",

@@ -57,7 +57,8 @@ pub fn normalize_subfolder(sub: &str) -> Option<String> {
 
 impl FileStore {
     pub fn put(&mut self, root: Root, subfolder: &str, name: &str, data: Bytes) {
-        self.files.insert((root, subfolder.to_owned(), name.to_owned()), data);
+        self.files
+            .insert((root, subfolder.to_owned(), name.to_owned()), data);
     }
 
     pub fn get(&self, root: Root, subfolder: &str, name: &str) -> Option<Bytes> {
@@ -98,7 +99,10 @@ impl FileStore {
 
 /// `mimetypes.guess_type` for what the sim stores.
 pub fn mime_for(name: &str) -> &'static str {
-    let ext = name.rsplit_once('.').map(|(_, e)| e.to_ascii_lowercase()).unwrap_or_default();
+    let ext = name
+        .rsplit_once('.')
+        .map(|(_, e)| e.to_ascii_lowercase())
+        .unwrap_or_default();
     match ext.as_str() {
         "png" => "image/png",
         "jpg" | "jpeg" => "image/jpeg",

@@ -11,8 +11,8 @@ use std::sync::Arc;
 use bytes::Bytes;
 use poem::http::StatusCode;
 use poem::listener::{Acceptor, TcpAcceptor};
-use poem::web::{LocalAddr, RemoteAddr};
 use poem::web::{Data, Path, Query};
+use poem::web::{LocalAddr, RemoteAddr};
 use poem::{Endpoint, EndpointExt, IntoEndpoint, Request, Response, Route, get, handler, post};
 use serde_json::{Map, Value, json};
 use tokio::net::{TcpListener, TcpStream};
@@ -32,7 +32,9 @@ pub fn json_response(v: &Value) -> Response {
 }
 
 pub fn empty() -> Response {
-    Response::builder().status(StatusCode::OK).body(Bytes::new())
+    Response::builder()
+        .status(StatusCode::OK)
+        .body(Bytes::new())
 }
 
 fn server_error() -> Response {
@@ -89,9 +91,9 @@ pub fn app(shared: Arc<Shared>) -> impl Endpoint + 'static {
 
 #[handler]
 fn index() -> Response {
-    Response::builder()
-        .content_type("text/html")
-        .body("<!doctype html><title>ComfyUI</title><p>comfyfleet sim: a simulated ComfyUI server.</p>")
+    Response::builder().content_type("text/html").body(
+        "<!doctype html><title>ComfyUI</title><p>comfyfleet sim: a simulated ComfyUI server.</p>",
+    )
 }
 
 #[handler]
@@ -113,7 +115,10 @@ fn post_prompt(body: Bytes, shared: Data<&Arc<Shared>>) -> Response {
     let number = {
         let mut st = shared.lock();
         match req.get("number") {
-            Some(n) => match n.as_f64().or_else(|| n.as_str().and_then(|s| s.trim().parse::<f64>().ok())) {
+            Some(n) => match n
+                .as_f64()
+                .or_else(|| n.as_str().and_then(|s| s.trim().parse::<f64>().ok()))
+            {
                 Some(f) => json!(f),
                 None => return server_error(),
             },
@@ -143,9 +148,10 @@ fn post_prompt(body: Bytes, shared: Data<&Arc<Shared>>) -> Response {
         Some(other) => super::protocol::py_str(other),
         None => shared.lock().random_uuid(),
     };
-    let partial: Option<Vec<String>> = req.get("partial_execution_targets").and_then(Value::as_array).map(|a| {
-        a.iter().map(super::protocol::py_str).collect()
-    });
+    let partial: Option<Vec<String>> = req
+        .get("partial_execution_targets")
+        .and_then(Value::as_array)
+        .map(|a| a.iter().map(super::protocol::py_str).collect());
     let info = shared.object_info();
     let outcome = {
         let st = shared.lock();
@@ -178,7 +184,9 @@ fn post_prompt(body: Bytes, shared: Data<&Arc<Shared>>) -> Response {
             };
             shared.lock().put(item);
             shared.queued.notify_one();
-            json_response(&json!({"prompt_id": prompt_id, "number": number, "node_errors": node_errors}))
+            json_response(
+                &json!({"prompt_id": prompt_id, "number": number, "node_errors": node_errors}),
+            )
         }
         Err((error, node_errors)) => Response::builder()
             .status(StatusCode::BAD_REQUEST)
@@ -206,7 +214,11 @@ fn post_queue(body: Bytes, shared: Data<&Arc<Shared>>) -> Response {
     }
     if let Some(ids) = req.get("delete").and_then(Value::as_array) {
         for id in ids {
-            if let Some(pos) = st.pending.iter().position(|i| Value::String(i.prompt_id.clone()) == *id) {
+            if let Some(pos) = st
+                .pending
+                .iter()
+                .position(|i| Value::String(i.prompt_id.clone()) == *id)
+            {
                 st.pending.remove(pos);
                 st.queue_updated();
             }
@@ -238,7 +250,10 @@ fn interrupt(body: Bytes, shared: Data<&Arc<Shared>>) -> Response {
 #[handler]
 fn get_history(Query(q): Query<HashMap<String, String>>, shared: Data<&Arc<Shared>>) -> Response {
     let max_items = q.get("max_items").and_then(|m| m.parse::<usize>().ok());
-    let offset = q.get("offset").and_then(|o| o.parse::<i64>().ok()).unwrap_or(-1);
+    let offset = q
+        .get("offset")
+        .and_then(|o| o.parse::<i64>().ok())
+        .unwrap_or(-1);
     let st = shared.lock();
     let len = st.history.len();
     let start = match (offset, max_items) {
@@ -309,7 +324,9 @@ fn models() -> Response {
 #[handler]
 fn models_in(Path(folder): Path<String>, shared: Data<&Arc<Shared>>) -> Response {
     if !MODEL_FOLDERS.contains(&folder.as_str()) {
-        return Response::builder().status(StatusCode::NOT_FOUND).body(Bytes::new());
+        return Response::builder()
+            .status(StatusCode::NOT_FOUND)
+            .body(Bytes::new());
     }
     json_response(&json!(Catalog::model_files(&shared.config.models, &folder)))
 }
@@ -361,7 +378,9 @@ impl Acceptor for RefusingAcceptor {
         self.inner.local_addr()
     }
 
-    async fn accept(&mut self) -> std::io::Result<(TcpStream, LocalAddr, RemoteAddr, poem::http::uri::Scheme)> {
+    async fn accept(
+        &mut self,
+    ) -> std::io::Result<(TcpStream, LocalAddr, RemoteAddr, poem::http::uri::Scheme)> {
         loop {
             let conn = self.inner.accept().await?;
             if !self.shared.faults.refusing() {

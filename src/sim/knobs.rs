@@ -129,12 +129,18 @@ impl PromptKnobs {
             _ => {}
         }
         if let Some(faults) = sim.get("faults").and_then(Value::as_array) {
-            k.faults.extend(faults.iter().filter_map(NodeFault::from_json));
+            k.faults
+                .extend(faults.iter().filter_map(NodeFault::from_json));
         }
         k
     }
 
-    pub fn fault(&self, node_id: &str, class_type: &str, want: impl Fn(&FaultKind) -> bool) -> Option<&FaultKind> {
+    pub fn fault(
+        &self,
+        node_id: &str,
+        class_type: &str,
+        want: impl Fn(&FaultKind) -> bool,
+    ) -> Option<&FaultKind> {
         self.faults
             .iter()
             .filter(|f| f.matches(node_id, class_type))
@@ -156,8 +162,14 @@ mod tests {
         let k = PromptKnobs::new(&SimConfig::default(), &extra);
         assert_eq!(k.step_time, Duration::from_millis(5));
         assert_eq!(k.preview_format, PreviewFormat::Png);
-        assert!(k.fault("3", "SaveImage", |k| matches!(k, FaultKind::Fail { .. })).is_some());
-        assert!(k.fault("9", "KSampler", |k| matches!(k, FaultKind::Hang)).is_some());
+        assert!(
+            k.fault("3", "SaveImage", |k| matches!(k, FaultKind::Fail { .. }))
+                .is_some()
+        );
+        assert!(
+            k.fault("9", "KSampler", |k| matches!(k, FaultKind::Hang))
+                .is_some()
+        );
         assert!(k.fault("9", "VAEDecode", |_| true).is_none());
     }
 }

@@ -86,15 +86,24 @@ struct Args<'a> {
 
 impl Args<'_> {
     fn int(&self, name: &str, default: i64) -> i64 {
-        self.literal.get(name).and_then(Value::as_i64).unwrap_or(default)
+        self.literal
+            .get(name)
+            .and_then(Value::as_i64)
+            .unwrap_or(default)
     }
 
     fn uint(&self, name: &str, default: u64) -> u64 {
-        self.literal.get(name).and_then(Value::as_u64).unwrap_or(default)
+        self.literal
+            .get(name)
+            .and_then(Value::as_u64)
+            .unwrap_or(default)
     }
 
     fn float(&self, name: &str, default: f64) -> f64 {
-        self.literal.get(name).and_then(Value::as_f64).unwrap_or(default)
+        self.literal
+            .get(name)
+            .and_then(Value::as_f64)
+            .unwrap_or(default)
     }
 
     fn string(&self, name: &str, default: &str) -> String {
@@ -107,14 +116,20 @@ impl Args<'_> {
     fn images(&self, name: &str) -> Result<Arc<Vec<Frame>>, NodeError> {
         match self.linked.get(name) {
             Some(Val::Images(i)) => Ok(i.clone()),
-            _ => Err(NodeError::failed("TypeError", &format!("input '{name}' is not an IMAGE"))),
+            _ => Err(NodeError::failed(
+                "TypeError",
+                &format!("input '{name}' is not an IMAGE"),
+            )),
         }
     }
 
     fn latent(&self, name: &str) -> Result<Latent, NodeError> {
         match self.linked.get(name) {
             Some(Val::Latent(l)) => Ok(l.clone()),
-            _ => Err(NodeError::failed("TypeError", &format!("input '{name}' is not a LATENT"))),
+            _ => Err(NodeError::failed(
+                "TypeError",
+                &format!("input '{name}' is not a LATENT"),
+            )),
         }
     }
 }
@@ -141,15 +156,25 @@ pub async fn run(
 ) -> Result<CacheEntry, NodeError> {
     let a = Args { literal, linked };
     if class != "KSampler" {
-        ctx.pause(ctx.knobs.node_time).await?;
+        // A node without a progress bar cannot be interrupted midway in ComfyUI:
+        // the interrupt lands at the next node.
+        ctx.busy(ctx.knobs.node_time).await;
     }
-    if ctx.knobs.fault(id, class, |k| matches!(k, FaultKind::Hang)).is_some() {
+    if ctx
+        .knobs
+        .fault(id, class, |k| matches!(k, FaultKind::Hang))
+        .is_some()
+    {
         loop {
             ctx.pause(std::time::Duration::from_secs(3600)).await?;
         }
     }
-    if let Some(FaultKind::Fail { exception_type, exception_message }) =
-        ctx.knobs.fault(id, class, |k| matches!(k, FaultKind::Fail { .. }))
+    if let Some(FaultKind::Fail {
+        exception_type,
+        exception_message,
+    }) = ctx
+        .knobs
+        .fault(id, class, |k| matches!(k, FaultKind::Fail { .. }))
     {
         return Err(NodeError::failed(exception_type, exception_message));
     }
@@ -157,7 +182,11 @@ pub async fn run(
     Ok(match class {
         "CheckpointLoaderSimple" => {
             let n = a.string("ckpt_name", "");
-            out(vec![handle("MODEL", &n), handle("CLIP", &n), handle("VAE", &n)])
+            out(vec![
+                handle("MODEL", &n),
+                handle("CLIP", &n),
+                handle("VAE", &n),
+            ])
         }
         "UNETLoader" => out(vec![handle("MODEL", &a.string("unet_name", ""))]),
         "CLIPLoader" => out(vec![handle("CLIP", &a.string("clip_name", ""))]),
@@ -187,32 +216,54 @@ pub async fn run(
         "VAEDecode" => {
             let l = a.latent("samples")?;
             // Video latents decode to small frames: the sim's videos are kept tiny.
-            let (w, h) = if l.frames > 1 { fit(l.width, l.height, 256) } else { (l.width, l.height) };
+            let (w, h) = if l.frames > 1 {
+                fit(l.width, l.height, 256)
+            } else {
+                (l.width, l.height)
+            };
             let n = (l.batch * l.frames) as u64;
-            out(vec![images((0..n).map(|i| pixels::painting(l.seed, w, h, i)).collect())])
+            out(vec![images(
+                (0..n).map(|i| pixels::painting(l.seed, w, h, i)).collect(),
+            )])
         }
         "EmptyImage" => {
             let c = a.int("color", 0);
             let color = [(c >> 16) as u8, (c >> 8) as u8, c as u8];
             let (w, h) = (a.int("width", 512) as u32, a.int("height", 512) as u32);
             let frame = Frame::solid(w, h, color);
-            out(vec![images(vec![frame; a.int("batch_size", 1).max(1) as usize])])
+            out(vec![images(vec![
+                frame;
+                a.int("batch_size", 1).max(1) as usize
+            ])])
         }
-        "ImageInvert" => out(vec![images(a.images("image")?.iter().map(Frame::inverted).collect())]),
+        "ImageInvert" => out(vec![images(
+            a.images("image")?.iter().map(Frame::inverted).collect(),
+        )]),
         "ImageBlur" => {
             let r = a.int("blur_radius", 1).max(0) as u32;
-            out(vec![images(a.images("image")?.iter().map(|f| f.blurred(r)).collect())])
+            out(vec![images(
+                a.images("image")?.iter().map(|f| f.blurred(r)).collect(),
+            )])
         }
         "ImageScale" => {
             let src = a.images("image")?;
-            let (w, h) = (a.int("width", 0).max(0) as u32, a.int("height", 0).max(0) as u32);
+            let (w, h) = (
+                a.int("width", 0).max(0) as u32,
+                a.int("height", 0).max(0) as u32,
+            );
             let scaled = src
                 .iter()
                 .map(|f| {
                     let (w, h) = match (w, h) {
                         (0, 0) => (f.width, f.height),
-                        (0, h) => ((f.width as u64 * h as u64 / f.height.max(1) as u64) as u32, h),
-                        (w, 0) => (w, (f.height as u64 * w as u64 / f.width.max(1) as u64) as u32),
+                        (0, h) => (
+                            (f.width as u64 * h as u64 / f.height.max(1) as u64) as u32,
+                            h,
+                        ),
+                        (w, 0) => (
+                            w,
+                            (f.height as u64 * w as u64 / f.width.max(1) as u64) as u32,
+                        ),
                         wh => wh,
                     };
                     f.resized(w, h)
@@ -221,7 +272,12 @@ pub async fn run(
             out(vec![images(scaled)])
         }
         "LoadImage" => load_image(ctx, &a)?,
-        "SaveImage" => save_images(ctx, &a, Root::Output, &a.string("filename_prefix", "ComfyUI"))?,
+        "SaveImage" => save_images(
+            ctx,
+            &a,
+            Root::Output,
+            &a.string("filename_prefix", "ComfyUI"),
+        )?,
         "PreviewImage" => {
             let prefix = format!("ComfyUI_temp_{}", ctx.shared.lock().random_letters(5));
             save_images(ctx, &a, Root::Temp, &prefix)?
@@ -230,22 +286,38 @@ pub async fn run(
             let frames = a.images("images")?;
             let n = frames.len() as u64;
             for (i, f) in frames.iter().enumerate() {
-                ctx.tick(id, i as u64, n, Some((ImageKind::Png, pixels::encode_png(f, &[]))));
+                ctx.tick(
+                    id,
+                    i as u64,
+                    n,
+                    Some((ImageKind::Png, pixels::encode_png(f, &[]))),
+                );
             }
             out(vec![])
         }
         "CreateVideo" => {
             let frames = a.images("images")?;
-            out(vec![Val::Video(Arc::new((frames.to_vec(), a.float("fps", 30.0))))])
+            out(vec![Val::Video(Arc::new((
+                frames.to_vec(),
+                a.float("fps", 30.0),
+            )))])
         }
         "SaveVideo" => save_video(ctx, &a)?,
-        other => return Err(NodeError::failed("NotImplementedError", &format!("the sim cannot run {other}"))),
+        other => {
+            return Err(NodeError::failed(
+                "NotImplementedError",
+                &format!("the sim cannot run {other}"),
+            ));
+        }
     })
 }
 
 fn fit(w: u32, h: u32, size: u32) -> (u32, u32) {
     let scale = (size as f64 / w.max(h).max(1) as f64).min(1.0);
-    (((w as f64 * scale) as u32).max(1), ((h as f64 * scale) as u32).max(1))
+    (
+        ((w as f64 * scale) as u32).max(1),
+        ((h as f64 * scale) as u32).max(1),
+    )
 }
 
 async fn sample(ctx: &mut Run, id: &str, a: &Args<'_>) -> Result<CacheEntry, NodeError> {
@@ -261,13 +333,18 @@ async fn sample(ctx: &mut Run, id: &str, a: &Args<'_>) -> Result<CacheEntry, Nod
         // latent2rgb previews are latent-sized, then contained to --preview-size.
         let (lw, lh) = ((latent.width / 8).max(1), (latent.height / 8).max(1));
         let scale = ctx.knobs.preview_size as f64 / lw.max(lh) as f64;
-        (((lw as f64 * scale).round() as u32).max(1), ((lh as f64 * scale).round() as u32).max(1))
+        (
+            ((lw as f64 * scale).round() as u32).max(1),
+            ((lh as f64 * scale).round() as u32).max(1),
+        )
     };
     for step in 1..=steps {
         ctx.pause(ctx.knobs.step_time).await?;
-        if let Some(FaultKind::DropWebSocket { .. }) = ctx.knobs.fault(id, "KSampler", |k| {
-            matches!(k, FaultKind::DropWebSocket { at_step } if *at_step == step)
-        }) {
+        if let Some(FaultKind::DropWebSocket { .. }) = ctx.knobs.fault(
+            id,
+            "KSampler",
+            |k| matches!(k, FaultKind::DropWebSocket { at_step } if *at_step == step),
+        ) {
             ctx.drop_client_socket();
         }
         let preview = ctx.knobs.previews.then(|| {
@@ -287,10 +364,16 @@ fn load_image(ctx: &Run, a: &Args<'_>) -> Result<CacheEntry, NodeError> {
     let (sub, file) = split_image_name(&name);
     let bytes = ctx.shared.lock().files.get(Root::Input, &sub, &file);
     let Some(bytes) = bytes else {
-        return Err(NodeError::failed("FileNotFoundError", &format!("[Errno 2] No such file or directory: '{name}'")));
+        return Err(NodeError::failed(
+            "FileNotFoundError",
+            &format!("[Errno 2] No such file or directory: '{name}'"),
+        ));
     };
     let Some((frame, alpha)) = pixels::decode(&bytes) else {
-        return Err(NodeError::failed("PIL.UnidentifiedImageError", &format!("cannot identify image file '{name}'")));
+        return Err(NodeError::failed(
+            "PIL.UnidentifiedImageError",
+            &format!("cannot identify image file '{name}'"),
+        ));
     };
     // ComfyUI's mask is 1 - alpha; the sim carries it as a grey image.
     let mask = match alpha {
@@ -324,7 +407,12 @@ fn save_path(prefix: &str) -> Result<(String, String), NodeError> {
     }
     if parts.len() < 3 || parts[..3] != root {
         let full = format!("/{}", parts.join("/"));
-        let common: Vec<&str> = parts.iter().zip(root.iter()).take_while(|(a, b)| a == b).map(|(a, _)| *a).collect();
+        let common: Vec<&str> = parts
+            .iter()
+            .zip(root.iter())
+            .take_while(|(a, b)| a == b)
+            .map(|(a, _)| *a)
+            .collect();
         let msg = format!(
             "**** ERROR: Saving image outside the output folder is not allowed.\n full_output_folder: {full}\n         output_dir: /srv/ComfyUI/output\n         commonpath: /{}\n",
             common.join("/")
@@ -334,11 +422,24 @@ fn save_path(prefix: &str) -> Result<(String, String), NodeError> {
     Ok((parts[3..].join("/"), stem.to_owned()))
 }
 
-fn save_images(ctx: &mut Run, a: &Args<'_>, root: Root, prefix: &str) -> Result<CacheEntry, NodeError> {
+fn save_images(
+    ctx: &mut Run,
+    a: &Args<'_>,
+    root: Root,
+    prefix: &str,
+) -> Result<CacheEntry, NodeError> {
     let frames = a.images("images")?;
     let (sub, stem) = save_path(prefix)?;
-    let mut text = vec![("prompt", protocol::dumps(&Value::Object(ctx.item.prompt.clone())))];
-    if let Some(info) = ctx.item.extra_data.get("extra_pnginfo").and_then(Value::as_object) {
+    let mut text = vec![(
+        "prompt",
+        protocol::dumps(&Value::Object(ctx.item.prompt.clone())),
+    )];
+    if let Some(info) = ctx
+        .item
+        .extra_data
+        .get("extra_pnginfo")
+        .and_then(Value::as_object)
+    {
         for (k, v) in info {
             text.push((k.as_str(), protocol::dumps(v)));
         }
@@ -348,7 +449,8 @@ fn save_images(ctx: &mut Run, a: &Args<'_>, root: Root, prefix: &str) -> Result<
     let mut counter = st.files.next_counter(root, &sub, &stem);
     for f in frames.iter() {
         let name = format!("{stem}_{counter:05}_.png");
-        st.files.put(root, &sub, &name, Bytes::from(pixels::encode_png(f, &text)));
+        st.files
+            .put(root, &sub, &name, Bytes::from(pixels::encode_png(f, &text)));
         results.push(json!({"filename": name, "subfolder": sub, "type": root.as_str()}));
         counter += 1;
     }
@@ -360,7 +462,10 @@ fn save_images(ctx: &mut Run, a: &Args<'_>, root: Root, prefix: &str) -> Result<
 
 fn save_video(ctx: &mut Run, a: &Args<'_>) -> Result<CacheEntry, NodeError> {
     let Some(Val::Video(v)) = a.linked.get("video") else {
-        return Err(NodeError::failed("TypeError", "input 'video' is not a VIDEO"));
+        return Err(NodeError::failed(
+            "TypeError",
+            "input 'video' is not a VIDEO",
+        ));
     };
     let (frames, fps) = (&v.0, v.1);
     let (sub, stem) = save_path(&a.string("filename_prefix", "video/ComfyUI"))?;
@@ -384,7 +489,10 @@ mod tests {
 
     #[test]
     fn prefixes_that_escape_fail_like_comfyui() {
-        assert_eq!(save_path("video/ComfyUI").ok(), Some(("video".to_owned(), "ComfyUI".to_owned())));
+        assert_eq!(
+            save_path("video/ComfyUI").ok(),
+            Some(("video".to_owned(), "ComfyUI".to_owned()))
+        );
         let Err(NodeError::Failed { message, .. }) = save_path("../escape_attempt") else {
             panic!("escape accepted");
         };

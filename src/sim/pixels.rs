@@ -166,7 +166,12 @@ pub fn encode_jpeg(frame: &Frame, quality: u8) -> Vec<u8> {
     let mut out = Vec::new();
     let enc = image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, quality);
     if enc
-        .write_image(&frame.rgb, frame.width, frame.height, image::ExtendedColorType::Rgb8)
+        .write_image(
+            &frame.rgb,
+            frame.width,
+            frame.height,
+            image::ExtendedColorType::Rgb8,
+        )
         .is_err()
     {
         return Vec::new();
@@ -178,7 +183,12 @@ pub fn encode_webp(frame: &Frame) -> Vec<u8> {
     let mut out = Vec::new();
     let enc = image::codecs::webp::WebPEncoder::new_lossless(&mut out);
     if enc
-        .write_image(&frame.rgb, frame.width, frame.height, image::ExtendedColorType::Rgb8)
+        .write_image(
+            &frame.rgb,
+            frame.width,
+            frame.height,
+            image::ExtendedColorType::Rgb8,
+        )
         .is_err()
     {
         return Vec::new();

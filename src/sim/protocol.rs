@@ -25,11 +25,19 @@ pub fn dumps(value: &Value) -> String {
 struct PyFormatter;
 
 impl serde_json::ser::Formatter for PyFormatter {
-    fn begin_array_value<W: ?Sized + io::Write>(&mut self, w: &mut W, first: bool) -> io::Result<()> {
+    fn begin_array_value<W: ?Sized + io::Write>(
+        &mut self,
+        w: &mut W,
+        first: bool,
+    ) -> io::Result<()> {
         if first { Ok(()) } else { w.write_all(b", ") }
     }
 
-    fn begin_object_key<W: ?Sized + io::Write>(&mut self, w: &mut W, first: bool) -> io::Result<()> {
+    fn begin_object_key<W: ?Sized + io::Write>(
+        &mut self,
+        w: &mut W,
+        first: bool,
+    ) -> io::Result<()> {
         if first { Ok(()) } else { w.write_all(b", ") }
     }
 
@@ -37,7 +45,11 @@ impl serde_json::ser::Formatter for PyFormatter {
         w.write_all(b": ")
     }
 
-    fn write_string_fragment<W: ?Sized + io::Write>(&mut self, w: &mut W, fragment: &str) -> io::Result<()> {
+    fn write_string_fragment<W: ?Sized + io::Write>(
+        &mut self,
+        w: &mut W,
+        fragment: &str,
+    ) -> io::Result<()> {
         if fragment.is_ascii() {
             return w.write_all(fragment.as_bytes());
         }
@@ -71,7 +83,11 @@ pub fn py_float(v: f64) -> String {
         return format!("{v:.1}");
     }
     let s = format!("{v}");
-    if s.contains('e') { s.replace('e', "e+").replace("e+-", "e-") } else { s }
+    if s.contains('e') {
+        s.replace('e', "e+").replace("e+-", "e-")
+    } else {
+        s
+    }
 }
 
 /// Python's `str()` of a JSON value, as validation messages print it.
@@ -158,7 +174,12 @@ pub fn preview_frame(kind: ImageKind, image: &[u8]) -> Vec<u8> {
 }
 
 /// Event 4: metadata JSON names the node and prompt the image belongs to.
-pub fn preview_frame_with_metadata(kind: ImageKind, image: &[u8], prompt_id: &str, node_id: &str) -> Vec<u8> {
+pub fn preview_frame_with_metadata(
+    kind: ImageKind,
+    image: &[u8],
+    prompt_id: &str,
+    node_id: &str,
+) -> Vec<u8> {
     let meta = dumps(&json!({
         "node_id": node_id,
         "prompt_id": prompt_id,
@@ -182,7 +203,10 @@ mod tests {
     #[test]
     fn dumps_matches_python_spacing_and_escapes() {
         let v = json!({"type": "status", "data": {"a": [1, 2.0], "é": "x"}});
-        assert_eq!(dumps(&v), r#"{"type": "status", "data": {"a": [1, 2.0], "\u00e9": "x"}}"#);
+        assert_eq!(
+            dumps(&v),
+            r#"{"type": "status", "data": {"a": [1, 2.0], "\u00e9": "x"}}"#
+        );
     }
 
     #[test]

@@ -38,7 +38,13 @@ pub struct QueueItem {
 
 impl QueueItem {
     pub fn to_json(&self) -> Value {
-        json!([self.number, self.prompt_id, self.prompt, self.extra_data, self.outputs])
+        json!([
+            self.number,
+            self.prompt_id,
+            self.prompt,
+            self.extra_data,
+            self.outputs
+        ])
     }
 
     fn sort_key(&self) -> f64 {
@@ -79,7 +85,8 @@ impl LiveFaults {
     }
 
     pub fn set_http_delay(&self, d: Duration) {
-        self.http_delay_ms.store(d.as_millis() as u64, Ordering::Relaxed);
+        self.http_delay_ms
+            .store(d.as_millis() as u64, Ordering::Relaxed);
     }
 
     pub fn http_delay(&self) -> Duration {
@@ -262,7 +269,14 @@ impl State {
     pub fn random_uuid(&mut self) -> String {
         let bits = self.random_uuid_bits();
         let h = format!("{bits:032x}");
-        format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+        format!(
+            "{}-{}-{}-{}-{}",
+            &h[0..8],
+            &h[8..12],
+            &h[12..16],
+            &h[16..20],
+            &h[20..32]
+        )
     }
 
     fn random_uuid_bits(&mut self) -> u128 {

@@ -55,7 +55,10 @@ pub async fn upload_image(mut form: Multipart, shared: Data<&Arc<Shared>>) -> Re
     if file_name.is_empty() || file_name.contains('/') || file_name.contains("..") {
         return status(StatusCode::BAD_REQUEST);
     }
-    let overwrite = matches!(fields.get("overwrite").map(String::as_str), Some("true") | Some("1"));
+    let overwrite = matches!(
+        fields.get("overwrite").map(String::as_str),
+        Some("true") | Some("1")
+    );
     let mut st = shared.lock();
     let mut name = file_name.clone();
     let (stem, ext) = match file_name.rfind('.') {
@@ -86,7 +89,11 @@ pub fn view(Query(q): Query<HashMap<String, String>>, shared: Data<&Arc<Shared>>
         return status(StatusCode::NOT_FOUND);
     };
     let (mut name, mut root) = (raw_name.as_str(), None);
-    for (suffix, r) in [(" [output]", Root::Output), (" [input]", Root::Input), (" [temp]", Root::Temp)] {
+    for (suffix, r) in [
+        (" [output]", Root::Output),
+        (" [input]", Root::Input),
+        (" [temp]", Root::Temp),
+    ] {
         if let Some(stripped) = raw_name.strip_suffix(suffix) {
             name = stripped;
             root = Some(r);
@@ -95,7 +102,8 @@ pub fn view(Query(q): Query<HashMap<String, String>>, shared: Data<&Arc<Shared>>
     if name.is_empty() || name.starts_with('/') || name.contains("..") {
         return status(StatusCode::BAD_REQUEST);
     }
-    let Some(root) = root.or_else(|| Root::parse(q.get("type").map_or("output", String::as_str))) else {
+    let Some(root) = root.or_else(|| Root::parse(q.get("type").map_or("output", String::as_str)))
+    else {
         return status(StatusCode::BAD_REQUEST);
     };
     let sub = match q.get("subfolder") {
@@ -150,7 +158,11 @@ fn gray_png(width: u32, height: u32, luma: &[u8]) -> Vec<u8> {
     let mut enc = png::Encoder::new(&mut out, width.max(1), height.max(1));
     enc.set_color(png::ColorType::Grayscale);
     enc.set_depth(png::BitDepth::Eight);
-    if enc.write_header().and_then(|mut w| w.write_image_data(luma)).is_err() {
+    if enc
+        .write_header()
+        .and_then(|mut w| w.write_image_data(luma))
+        .is_err()
+    {
         return Vec::new();
     }
     out

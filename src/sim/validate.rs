@@ -57,7 +57,10 @@ pub fn validate_prompt(
         let Some(class_info) = class.as_str().and_then(|c| info.get(c)) else {
             let e = top_error(
                 "invalid_prompt",
-                &format!("Cannot execute because node {} does not exist.", py_str(class)),
+                &format!(
+                    "Cannot execute because node {} does not exist.",
+                    py_str(class)
+                ),
                 &format!("Node ID '#{id}'"),
             );
             return Err((e, Map::new()));
@@ -67,8 +70,14 @@ pub fn validate_prompt(
         }
     }
     if outputs.is_empty() {
-        return Err((top_error("prompt_no_outputs", "Prompt has no outputs", ""), Map::new()));
+        return Err((
+            top_error("prompt_no_outputs", "Prompt has no outputs", ""),
+            Map::new(),
+        ));
     }
+    // ComfyUI keeps outputs in a Python set, so their order is the string hashes'.
+    // The recorded server listed them last-first; do the same, deterministically.
+    outputs.reverse();
 
     let mut v = Validator {
         prompt,
@@ -135,11 +144,14 @@ pub fn validate_prompt(
     Ok((good, node_errors))
 }
 
-fn traceback(lines: &[(&str, u32, &str, &str)]) -> Vec<String> {
-    lines
-        .iter()
-        .map(|(file, line, func, code)| format!("  File \"/srv/ComfyUI/{file}\", line {line}, in {func}\n    {code}\n"))
-        .collect()
+/// The frames ComfyUI 0.3.64 prints for validation exceptions, verbatim.
+const TB_RECURSE: &str = "  File \"/srv/ComfyUI/execution.py\", line 808, in validate_inputs\n    r = await validate_inputs(prompt_id, prompt, o_id, validated)\n        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^\n";
+const TB_LOOKUP: &str = "  File \"/srv/ComfyUI/execution.py\", line 788, in validate_inputs\n    o_class_type = prompt[o_id]['class_type']\n                   ~~~~~~^^^^^^\n";
+const TB_SLOT: &str = "  File \"/srv/ComfyUI/execution.py\", line 790, in validate_inputs\n    received_type = r[val[1]]\n                    ~^^^^^^^^\n";
+const TB_INPUTS: &str = "  File \"/srv/ComfyUI/execution.py\", line 752, in validate_inputs\n    inputs = prompt[unique_id]['inputs']\n             ~~~~~~~~~~~~~~~~~^^^^^^^^^^\n";
+
+fn traceback(frames: &[&str]) -> Vec<String> {
+    frames.iter().map(|f| (*f).to_owned()).collect()
 }
 
 impl Validator<'_> {
@@ -159,7 +171,7 @@ impl Validator<'_> {
             return Err(PyError {
                 kind: "KeyError",
                 message: "'inputs'".to_owned(),
-                traceback: traceback(&[("execution.py", 693, "validate_inputs", "inputs = prompt[unique_id]['inputs']")]),
+                traceback: traceback(&[TB_INPUTS]),
             });
         };
         let class = node["class_type"].as_str().unwrap_or("").to_owned();
@@ -198,11 +210,14 @@ impl Validator<'_> {
                         return Err(PyError {
                             kind: "KeyError",
                             message: py_repr(other),
-                            traceback: traceback(&[("execution.py", 788, "validate_inputs", "o_class_type = prompt[o_id]['class_type']")]),
+                            traceback: traceback(&[TB_LOOKUP]),
                         });
                     }
                 };
-                let o_class = self.prompt[&o_id]["class_type"].as_str().unwrap_or("").to_owned();
+                let o_class = self.prompt[&o_id]["class_type"]
+                    .as_str()
+                    .unwrap_or("")
+                    .to_owned();
                 let returns = ClassInfo(&self.info[&o_class]).output_types();
                 let slot = match &link[1] {
                     Value::Number(n) if n.is_i64() => n.as_i64().unwrap_or(0),
@@ -216,17 +231,27 @@ impl Validator<'_> {
                         };
                         return Err(PyError {
                             kind: "TypeError",
-                            message: format!("tuple indices must be integers or slices, not {tname}"),
-                            traceback: traceback(&[("execution.py", 790, "validate_inputs", "received_type = r[val[1]]")]),
+                            message: format!(
+                                "tuple indices must be integers or slices, not {tname}"
+                            ),
+                            traceback: traceback(&[TB_SLOT]),
                         });
                     }
                 };
-                let idx = if slot < 0 { returns.len() as i64 + slot } else { slot };
-                let Some(received) = usize::try_from(idx).ok().and_then(|i| returns.get(i)).copied() else {
+                let idx = if slot < 0 {
+                    returns.len() as i64 + slot
+                } else {
+                    slot
+                };
+                let Some(received) = usize::try_from(idx)
+                    .ok()
+                    .and_then(|i| returns.get(i))
+                    .copied()
+                else {
                     return Err(PyError {
                         kind: "IndexError",
                         message: "tuple index out of range".to_owned(),
-                        traceback: traceback(&[("execution.py", 790, "validate_inputs", "received_type = r[val[1]]")]),
+                        traceback: traceback(&[TB_SLOT]),
                     });
                 };
                 if !types_match(received, &input_type) {
@@ -243,7 +268,7 @@ impl Validator<'_> {
                     Ok((false, _)) => valid = false,
                     Err(mut ex) => {
                         valid = false;
-                        let mut tb = traceback(&[("execution.py", 808, "validate_inputs", "r = await validate_inputs(prompt_id, prompt, o_id, validated)")]);
+                        let mut tb = traceback(&[TB_RECURSE]);
                         tb.append(&mut ex.traceback);
                         let reason = json!({
                             "type": "exception_during_inner_validation",
@@ -296,7 +321,9 @@ impl Validator<'_> {
             }
             let choices = match &input_type {
                 Value::Array(list) => Some(list.clone()),
-                Value::String(t) if t == "COMBO" => opts.get("options").and_then(Value::as_array).cloned(),
+                Value::String(t) if t == "COMBO" => {
+                    opts.get("options").and_then(Value::as_array).cloned()
+                }
                 _ => None,
             };
             if let Some(choices) = choices
@@ -339,7 +366,11 @@ fn types_match(received: &str, input: &Value) -> bool {
     if received == input {
         return true;
     }
-    let split = |s: &str| s.split(',').map(|t| t.trim().to_owned()).collect::<Vec<_>>();
+    let split = |s: &str| {
+        s.split(',')
+            .map(|t| t.trim().to_owned())
+            .collect::<Vec<_>>()
+    };
     let (a, b) = (split(received), split(input));
     a.iter().any(|t| t == "*") || b.iter().any(|t| t == "*") || a.iter().any(|t| b.contains(t))
 }
@@ -416,7 +447,10 @@ fn py_num(v: &Value) -> String {
 
 fn range_error(name: &str, val: &Value, opts: &Value, config: &Value) -> Option<Value> {
     let x = val.as_f64()?;
-    if let Some(min) = opts.get("min").filter(|m| m.as_f64().is_some_and(|m| x < m)) {
+    if let Some(min) = opts
+        .get("min")
+        .filter(|m| m.as_f64().is_some_and(|m| x < m))
+    {
         return Some(json!({
             "type": "value_smaller_than_min",
             "message": format!("Value {} smaller than min of {}", py_num(val), py_num(min)),
@@ -424,7 +458,10 @@ fn range_error(name: &str, val: &Value, opts: &Value, config: &Value) -> Option<
             "extra_info": {"input_name": name, "input_config": config, "received_value": val},
         }));
     }
-    if let Some(max) = opts.get("max").filter(|m| m.as_f64().is_some_and(|m| x > m)) {
+    if let Some(max) = opts
+        .get("max")
+        .filter(|m| m.as_f64().is_some_and(|m| x > m))
+    {
         return Some(json!({
             "type": "value_bigger_than_max",
             "message": format!("Value {} bigger than max of {}", py_num(val), py_num(max)),

@@ -15,7 +15,11 @@ struct Bits {
 
 impl Bits {
     fn new() -> Self {
-        Self { out: Vec::new(), cur: 0, used: 0 }
+        Self {
+            out: Vec::new(),
+            cur: 0,
+            used: 0,
+        }
     }
 
     fn bit(&mut self, b: bool) {
@@ -43,7 +47,11 @@ impl Bits {
     }
 
     fn se(&mut self, v: i32) {
-        let m = if v > 0 { 2 * v as u32 - 1 } else { (-2 * v) as u32 };
+        let m = if v > 0 {
+            2 * v as u32 - 1
+        } else {
+            (-2 * v) as u32
+        };
         self.ue(m);
     }
 
@@ -196,13 +204,20 @@ const MATRIX: [u32; 9] = [0x10000, 0, 0, 0, 0x10000, 0, 0, 0, 0x4000_0000];
 
 /// An MP4 (ISO BMFF, `avc1`) holding `frames` at `fps`.
 pub fn encode_mp4(frames: &[Frame], fps: f64) -> Vec<u8> {
-    let first = frames.first().cloned().unwrap_or_else(|| Frame::solid(16, 16, [0, 0, 0]));
+    let first = frames
+        .first()
+        .cloned()
+        .unwrap_or_else(|| Frame::solid(16, 16, [0, 0, 0]));
     let (mbs_w, mbs_h) = ((first.width / 16).max(1), (first.height / 16).max(1));
     let (w, h) = (mbs_w * 16, mbs_h * 16);
     let sps = sps(mbs_w, mbs_h);
     let pps = pps();
     let mut samples: Vec<Vec<u8>> = Vec::new();
-    for (i, f) in frames.iter().chain(frames.is_empty().then_some(&first)).enumerate() {
+    for (i, f) in frames
+        .iter()
+        .chain(frames.is_empty().then_some(&first))
+        .enumerate()
+    {
         let slice = idr_slice(f, mbs_w, mbs_h, i as u32);
         let mut s = (slice.len() as u32).to_be_bytes().to_vec();
         s.extend_from_slice(&slice);
@@ -214,7 +229,18 @@ pub fn encode_mp4(frames: &[Frame], fps: f64) -> Vec<u8> {
     let media_duration = n * delta;
     let movie_duration = (media_duration as u64 * 1000 / timescale as u64) as u32;
 
-    let ftyp = boxed(b"ftyp", &[b"isom".as_slice(), &512u32.to_be_bytes(), b"isom", b"iso2", b"avc1", b"mp41"].concat());
+    let ftyp = boxed(
+        b"ftyp",
+        &[
+            b"isom".as_slice(),
+            &512u32.to_be_bytes(),
+            b"isom",
+            b"iso2",
+            b"avc1",
+            b"mp41",
+        ]
+        .concat(),
+    );
     let mdat_body: Vec<u8> = samples.concat();
     let mdat = boxed(b"mdat", &mdat_body);
     let chunk_offset = (ftyp.len() + 8) as u32;
@@ -236,7 +262,11 @@ pub fn encode_mp4(frames: &[Frame], fps: f64) -> Vec<u8> {
     let mut mdhd = be32(&[0, 0, timescale, media_duration]);
     mdhd.extend_from_slice(&[0x55, 0xC4, 0, 0]); // language "und"
     let mdhd = full(b"mdhd", 0, &mdhd);
-    let hdlr = full(b"hdlr", 0, &[be32(&[0]).as_slice(), b"vide", &[0; 12], b"VideoHandler\0"].concat());
+    let hdlr = full(
+        b"hdlr",
+        0,
+        &[be32(&[0]).as_slice(), b"vide", &[0; 12], b"VideoHandler\0"].concat(),
+    );
 
     let mut avcc = vec![1, 66, 0xC0, 30, 0xFF, 0xE1];
     avcc.extend_from_slice(&(sps.len() as u16).to_be_bytes());
@@ -298,7 +328,12 @@ mod tests {
             assert!(mp4.windows(4).any(|w| w == tag), "missing {:?}", tag);
         }
         let ftyp_len = u32::from_be_bytes([mp4[0], mp4[1], mp4[2], mp4[3]]) as usize;
-        let mdat_len = u32::from_be_bytes([mp4[ftyp_len], mp4[ftyp_len + 1], mp4[ftyp_len + 2], mp4[ftyp_len + 3]]);
+        let mdat_len = u32::from_be_bytes([
+            mp4[ftyp_len],
+            mp4[ftyp_len + 1],
+            mp4[ftyp_len + 2],
+            mp4[ftyp_len + 3],
+        ]);
         // 2×1 macroblocks of 384 PCM bytes per frame, plus headers.
         assert!(mdat_len as usize > 3 * 2 * 384);
     }

@@ -25,7 +25,11 @@ pub struct WsQuery {
 const READ_BUFFER: usize = 4 * 1024;
 
 #[handler]
-pub fn ws(ws: WebSocket, Query(q): Query<WsQuery>, shared: Data<&Arc<Shared>>) -> impl IntoResponse {
+pub fn ws(
+    ws: WebSocket,
+    Query(q): Query<WsQuery>,
+    shared: Data<&Arc<Shared>>,
+) -> impl IntoResponse {
     let shared = shared.clone();
     let given = q.client_id.filter(|c| !c.is_empty());
     ws.config(WebSocketConfig::default().read_buffer_size(READ_BUFFER))
@@ -118,7 +122,11 @@ fn on_first_text(shared: &Shared, sid: &str, generation: u64, text: &str) -> boo
             .and_then(Value::as_bool)
             == Some(true);
         let mut st = shared.lock();
-        if let Some(entry) = st.sockets.get_mut(sid).filter(|e| e.generation == generation) {
+        if let Some(entry) = st
+            .sockets
+            .get_mut(sid)
+            .filter(|e| e.generation == generation)
+        {
             entry.supports_preview_metadata = supports;
             let reply = server_features(shared);
             st.send_json(Some(sid), "feature_flags", reply);
@@ -129,7 +137,11 @@ fn on_first_text(shared: &Shared, sid: &str, generation: u64, text: &str) -> boo
 
 fn unregister(shared: &Shared, sid: &str, generation: u64) {
     let mut st = shared.lock();
-    if st.sockets.get(sid).is_some_and(|e| e.generation == generation) {
+    if st
+        .sockets
+        .get(sid)
+        .is_some_and(|e| e.generation == generation)
+    {
         st.sockets.remove(sid);
     }
 }

@@ -1,0 +1,4 @@
+//! The integration test binary.
+
+mod sim;
+mod sim_support;

@@ -1,0 +1,584 @@
+//! Helpers for the sim tests: a recorded-trace replayer that drives a sim the way
+//! the capture client drove the real ComfyUI, and the structural comparison of
+//! what came back (message types, field sets, JSON types, binary framing).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio::sync::Notify;
+use tokio_tungstenite::tungstenite::Message;
+
+pub const DEADLINE: Duration = Duration::from_secs(20);
+
+pub fn fixture_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/comfyui")
+}
+
+pub fn load_trace(name: &str) -> Vec<Value> {
+    let text = std::fs::read_to_string(fixture_dir().join(name)).expect("fixture readable");
+    text.lines()
+        .map(|l| serde_json::from_str(l).expect("fixture line is JSON"))
+        .collect()
+}
+
+/// A frame as compared: text frames by type and shape, binary frames by framing.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Frame {
+    Text { kind: String, shape: Value },
+    Binary { event: u32, detail: Value },
+}
+
+/// The JSON "shape": same keys, JSON types, array lengths (except tracebacks,
+/// whose frames are the server's own source lines). Numbers are compared as numbers.
+pub fn shape(v: &Value, key: &str) -> Value {
+    match v {
+        Value::Object(m) => {
+            Value::Object(m.iter().map(|(k, v)| (k.clone(), shape(v, k))).collect())
+        }
+        // Tracebacks and argv are the server's own source lines and command line.
+        Value::Array(_) if key == "traceback" || key == "argv" => json!("array"),
+        Value::Array(a) => Value::Array(a.iter().map(|e| shape(e, "")).collect()),
+        Value::String(_) => json!("string"),
+        Value::Number(_) => json!("number"),
+        Value::Bool(_) => json!("bool"),
+        Value::Null => json!("null"),
+    }
+}
+
+fn magic(bytes: &[u8]) -> &'static str {
+    if bytes.starts_with(&[0xff, 0xd8]) {
+        "jpeg"
+    } else if bytes.starts_with(&[0x89, b'P', b'N', b'G']) {
+        "png"
+    } else {
+        "other"
+    }
+}
+
+/// Parses a binary frame the way a ComfyUI client does.
+pub fn binary_frame(b: &[u8]) -> (Frame, Vec<u8>) {
+    let be = |i: usize| u32::from_be_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+    let event = be(0);
+    match event {
+        1 => {
+            let image = b[8..].to_vec();
+            (
+                Frame::Binary {
+                    event,
+                    detail: json!({"image_type": be(4), "magic": magic(&image)}),
+                },
+                image,
+            )
+        }
+        4 => {
+            let len = be(4) as usize;
+            let meta: Value = serde_json::from_slice(&b[8..8 + len]).expect("metadata JSON");
+            let image = b[8 + len..].to_vec();
+            let detail = json!({"meta": shape(&meta, ""), "image_type": meta["image_type"], "magic": magic(&image)});
+            (Frame::Binary { event, detail }, image)
+        }
+        _ => (
+            Frame::Binary {
+                event,
+                detail: json!(null),
+            },
+            b[4..].to_vec(),
+        ),
+    }
+}
+
+fn expected_frame(line: &Value) -> Frame {
+    if line["kind"] == "ws-text" {
+        let j = &line["json"];
+        return Frame::Text {
+            kind: j["type"].as_str().unwrap_or("").to_owned(),
+            shape: shape(&j["data"], ""),
+        };
+    }
+    let event = line["event_type"].as_u64().unwrap_or(0) as u32;
+    let kind = |hex: &str| {
+        if hex.starts_with("ffd8") {
+            "jpeg"
+        } else if hex.starts_with("89504e47") {
+            "png"
+        } else {
+            "other"
+        }
+    };
+    let m = kind(line["image_magic_hex"].as_str().unwrap_or(""));
+    let detail = match event {
+        1 => json!({"image_type": line["image_type"], "magic": m}),
+        4 => {
+            json!({"meta": shape(&line["metadata"], ""), "image_type": line["metadata"]["image_type"], "magic": m})
+        }
+        _ => json!(null),
+    };
+    Frame::Binary { event, detail }
+}
+
+/// Everything a socket received, with a notification per frame.
+#[derive(Default)]
+pub struct Inbox {
+    pub frames: Mutex<Vec<(Frame, Value, Vec<u8>)>>,
+    pub arrived: Notify,
+}
+
+impl Inbox {
+    pub async fn wait_for(&self, count: usize, what: &str) {
+        let ok = tokio::time::timeout(DEADLINE, async {
+            loop {
+                let notified = self.arrived.notified();
+                if self.frames.lock().unwrap().len() >= count {
+                    return;
+                }
+                notified.await;
+            }
+        })
+        .await;
+        assert!(
+            ok.is_ok(),
+            "{what}: waited for {count} frames, got {:?}",
+            self.kinds()
+        );
+    }
+
+    pub fn kinds(&self) -> Vec<String> {
+        self.frames
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(f, _, _)| match f {
+                Frame::Text { kind, .. } => kind.clone(),
+                Frame::Binary { event, .. } => format!("binary{event}"),
+            })
+            .collect()
+    }
+
+    /// Waits for a text frame of `kind` (after skipping `skip` such frames).
+    pub async fn wait_text(&self, kind: &str, what: &str) -> Value {
+        let ok = tokio::time::timeout(DEADLINE, async {
+            loop {
+                let notified = self.arrived.notified();
+                let found = self
+                    .frames
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .find_map(|(f, v, _)| match f {
+                        Frame::Text { kind: k, .. } if k == kind => Some(v.clone()),
+                        _ => None,
+                    });
+                if let Some(v) = found {
+                    return v;
+                }
+                notified.await;
+            }
+        })
+        .await;
+        match ok {
+            Ok(v) => v,
+            Err(_) => panic!("{what}: no {kind} frame, got {:?}", self.kinds()),
+        }
+    }
+}
+
+pub type WsSink = futures_util::stream::SplitSink<
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
+    Message,
+>;
+
+/// Opens a socket whose frames are collected into an [`Inbox`].
+pub async fn connect(url: &str) -> (WsSink, Arc<Inbox>) {
+    let (ws, _) = tokio::time::timeout(DEADLINE, tokio_tungstenite::connect_async(url))
+        .await
+        .expect("connect in time")
+        .expect("websocket connects");
+    let (sink, mut stream) = ws.split();
+    let inbox = Arc::new(Inbox::default());
+    let feed = inbox.clone();
+    tokio::spawn(async move {
+        while let Some(Ok(msg)) = stream.next().await {
+            let entry = match msg {
+                Message::Text(t) => {
+                    let v: Value =
+                        serde_json::from_str(t.as_str()).expect("server text frame is JSON");
+                    let kind = v["type"].as_str().unwrap_or("").to_owned();
+                    (
+                        Frame::Text {
+                            kind,
+                            shape: shape(&v["data"], ""),
+                        },
+                        v,
+                        Vec::new(),
+                    )
+                }
+                Message::Binary(b) => {
+                    let (f, image) = binary_frame(&b);
+                    (f, Value::Null, image)
+                }
+                _ => continue,
+            };
+            feed.frames.lock().unwrap().push(entry);
+            feed.arrived.notify_waiters();
+        }
+    });
+    (sink, inbox)
+}
+
+pub async fn send_text(sink: &mut WsSink, text: &str) {
+    sink.send(Message::text(text)).await.expect("ws send");
+}
+
+/// Compares one socket's frames with the recording: the sequence without `status`
+/// must match frame by frame; `status` broadcasts race with everything else, so
+/// only their number and shape are checked.
+pub fn compare_frames(file: &str, conn: &str, expected: &[Frame], actual: &[Frame]) {
+    let split = |fs: &[Frame]| {
+        let (status, rest): (Vec<Frame>, Vec<Frame>) = fs
+            .iter()
+            .cloned()
+            .partition(|f| matches!(f, Frame::Text { kind, .. } if kind == "status"));
+        (status, rest)
+    };
+    let (es, er) = split(expected);
+    let (as_, ar) = split(actual);
+    for (i, (e, a)) in er.iter().zip(ar.iter()).enumerate() {
+        if let (
+            Frame::Text {
+                kind: ka,
+                shape: sa,
+            },
+            Frame::Text {
+                kind: ke,
+                shape: se,
+            },
+        ) = (a, e)
+        {
+            assert!(
+                ka == ke && sa == se,
+                "{file} {conn}: frame {i} (status aside): {ka} vs {ke}, at {}",
+                first_diff(sa, se, "")
+            );
+        }
+        assert_eq!(
+            a, e,
+            "{file} {conn}: frame {i} (status frames aside) differs"
+        );
+    }
+    assert_eq!(
+        ar.len(),
+        er.len(),
+        "{file} {conn}: frame count (status aside) differs"
+    );
+    assert_eq!(
+        as_.len(),
+        es.len(),
+        "{file} {conn}: number of status frames differs"
+    );
+    for (a, e) in as_.iter().zip(es.iter()) {
+        let (Frame::Text { shape: sa, .. }, Frame::Text { shape: se, .. }) = (a, e) else {
+            continue;
+        };
+        // The status sent on connect carries `sid`; compare the rest.
+        assert_eq!(sa["status"], se["status"], "{file} {conn}: status shape");
+    }
+}
+
+/// Requests whose JSON answer must equal the recording exactly (ids aside).
+fn exact_json(path: &str) -> bool {
+    [
+        "/features",
+        "/embeddings",
+        "/models",
+        "/upload/image",
+        "/object_info/",
+        "/prompt",
+    ]
+    .iter()
+    .any(|p| path.starts_with(p) && !path.starts_with("/history"))
+}
+
+/// Replays recorded scenarios, in order, against one sim at `base`
+/// (`http://127.0.0.1:PORT`), checking every answer and every frame.
+pub async fn replay(base: &str, files: &[&str]) {
+    let http = reqwest::Client::new();
+    let mut ids: HashMap<String, String> = HashMap::new();
+    for file in files {
+        let trace = load_trace(file);
+        let mut sinks: HashMap<String, WsSink> = HashMap::new();
+        let mut inboxes: HashMap<String, Arc<Inbox>> = HashMap::new();
+        let mut expected: HashMap<String, Vec<Frame>> = HashMap::new();
+        let expected_before = |conn: &str, seq: usize| {
+            trace[..seq]
+                .iter()
+                .filter(|l| l["dir"] == "server->client" && l["conn"] == conn)
+                .filter(|l| l["kind"] == "ws-text" || l["kind"] == "ws-binary")
+                .count()
+        };
+        let map_ids = |text: String, ids: &HashMap<String, String>| {
+            ids.iter().fold(text, |t, (from, to)| t.replace(from, to))
+        };
+        let mut i = 0;
+        while i < trace.len() {
+            let line = &trace[i];
+            let conn = line["conn"].as_str().unwrap_or("").to_owned();
+            let client_action = line["dir"] == "client->server"
+                || (line["kind"] == "http-response" && line.get("request_body_raw").is_some())
+                || (line["kind"] == "http-response" && line["label"] == "no_body");
+            if line["dir"] == "server->client"
+                && (line["kind"] == "ws-text" || line["kind"] == "ws-binary")
+            {
+                expected
+                    .entry(conn.clone())
+                    .or_default()
+                    .push(expected_frame(line));
+            }
+            if client_action {
+                // Let every open socket catch up with the recording first.
+                for (c, inbox) in &inboxes {
+                    if sinks.contains_key(c) {
+                        inbox
+                            .wait_for(expected_before(c, i), &format!("{file} seq {i} ({c})"))
+                            .await;
+                    }
+                }
+            }
+            match (line["dir"].as_str(), line["kind"].as_str()) {
+                (Some("client->server"), Some("ws-open")) => {
+                    let path = line["path"].as_str().unwrap_or("/ws");
+                    let (sink, inbox) =
+                        connect(&format!("{}{}", base.replace("http", "ws"), path)).await;
+                    sinks.insert(conn.clone(), sink);
+                    inboxes.insert(conn.clone(), inbox);
+                }
+                (Some("client->server"), Some("ws-text")) => {
+                    let sink = sinks.get_mut(&conn).expect("socket open");
+                    send_text(sink, line["raw"].as_str().unwrap_or("")).await;
+                }
+                (Some("client->server"), Some("ws-close")) => {
+                    let inbox = inboxes[&conn].clone();
+                    let exp = expected.get(&conn).cloned().unwrap_or_default();
+                    let actual: Vec<Frame> = inbox
+                        .frames
+                        .lock()
+                        .unwrap()
+                        .iter()
+                        .map(|(f, _, _)| f.clone())
+                        .collect();
+                    compare_frames(file, &conn, &exp, &actual);
+                    if let Some(mut sink) = sinks.remove(&conn) {
+                        let _ = sink.close().await;
+                    }
+                }
+                (Some("client->server"), Some("http-request")) => {
+                    let resp = trace[i + 1..]
+                        .iter()
+                        .find(|l| l["kind"] == "http-response")
+                        .expect("request has a response")
+                        .clone();
+                    let path = map_ids(line["path"].as_str().unwrap_or("/").to_owned(), &ids);
+                    let url = format!("{base}{path}");
+                    let req = match line["method"].as_str() {
+                        Some("POST") if line.get("form").is_some() => {
+                            http.post(&url).multipart(upload_form(&line["form"]))
+                        }
+                        Some("POST") => {
+                            let body = map_ids(line["body"].to_string(), &ids);
+                            http.post(&url)
+                                .header("content-type", "application/json")
+                                .body(body)
+                        }
+                        _ => http.get(&url),
+                    };
+                    let got = req.send().await.expect("http answer");
+                    check_response(file, &path, &resp, got, &mut ids).await;
+                }
+                (Some("server->client"), Some("http-response")) if client_action => {
+                    let path = line["path"].as_str().unwrap_or("/");
+                    let body = line
+                        .get("request_body_raw")
+                        .and_then(Value::as_str)
+                        .unwrap_or("")
+                        .to_owned();
+                    let got = http
+                        .post(format!("{base}{path}"))
+                        .body(body)
+                        .send()
+                        .await
+                        .expect("http answer");
+                    check_response(file, path, line, got, &mut ids).await;
+                }
+                _ => {}
+            }
+            i += 1;
+        }
+    }
+}
+
+fn upload_form(form: &Value) -> reqwest::multipart::Form {
+    let mut f = reqwest::multipart::Form::new();
+    for (k, v) in form.as_object().into_iter().flatten() {
+        if k == "image" {
+            // The recording keeps the first upload's bytes; the "different bytes" one is any other PNG.
+            let bytes = if v["len"] == 77 {
+                std::fs::read(fixture_dir().join("bin/03-view-input.png")).expect("bin")
+            } else {
+                std::fs::read(fixture_dir().join("bin/02-view-output.png")).expect("bin")
+            };
+            let part = reqwest::multipart::Part::bytes(bytes)
+                .file_name(v["filename"].as_str().unwrap_or("x.png").to_owned())
+                .mime_str("image/png")
+                .expect("mime");
+            f = f.part("image", part);
+        } else {
+            f = f.text(k.clone(), v.as_str().unwrap_or("").to_owned());
+        }
+    }
+    f
+}
+
+async fn check_response(
+    file: &str,
+    path: &str,
+    exp: &Value,
+    got: reqwest::Response,
+    ids: &mut HashMap<String, String>,
+) {
+    let what = format!("{file} {path} {}", exp["label"].as_str().unwrap_or(""));
+    assert_eq!(
+        got.status().as_u16() as u64,
+        exp["status"].as_u64().unwrap_or(0),
+        "{what}: status"
+    );
+    let ct = got
+        .headers()
+        .get("content-type")
+        .map(|v| v.to_str().unwrap_or("").to_owned());
+    let exp_ct = exp["headers"]["content-type"].as_str().map(str::to_owned);
+    if exp_ct.is_some() {
+        assert_eq!(ct, exp_ct, "{what}: content-type");
+    }
+    let body = got.bytes().await.expect("body");
+    if let Some(text) = exp.get("body_text").and_then(Value::as_str) {
+        assert_eq!(String::from_utf8_lossy(&body), text, "{what}: body");
+        return;
+    }
+    if exp["headers"]["content-length"] == "0" {
+        assert!(body.is_empty(), "{what}: empty body");
+        return;
+    }
+    if let Some(head) = exp.get("body_head_hex").and_then(Value::as_str) {
+        assert_eq!(
+            hex::encode(&body[..4.min(body.len())]),
+            head[..8],
+            "{what}: file magic"
+        );
+        return;
+    }
+    let Some(expected) = exp.get("body") else {
+        // Summarised in the recording (full /object_info, full /history): JSON is enough.
+        assert!(
+            serde_json::from_slice::<Value>(&body).is_ok(),
+            "{what}: JSON body"
+        );
+        return;
+    };
+    let actual: Value = serde_json::from_slice(&body).expect("JSON body");
+    if let (Some(e), Some(a)) = (expected["prompt_id"].as_str(), actual["prompt_id"].as_str()) {
+        ids.insert(e.to_owned(), a.to_owned());
+    }
+    learn_names(expected, &actual, ids);
+    // Prompt ids are also object keys (history): speak the sim's ids.
+    let mapped = ids
+        .iter()
+        .fold(expected.to_string(), |t, (from, to)| t.replace(from, to));
+    let expected: &Value = &serde_json::from_str(&mapped).expect("JSON");
+    if path.starts_with("/extensions") {
+        return; // the frontend's file list; the sim serves no frontend
+    }
+    if exact_json(path) {
+        let mut a = actual.clone();
+        let mut e = expected.clone();
+        for v in [&mut a, &mut e] {
+            if let Some(o) = v.as_object_mut()
+                && o.contains_key("prompt_id")
+            {
+                o.insert("prompt_id".into(), json!("<id>"));
+            }
+        }
+        assert_eq!(a, e, "{what}: body must match the recording exactly");
+    } else {
+        let (a, e) = (shape(&actual, ""), shape(expected, ""));
+        assert!(
+            a == e,
+            "{what}: body shape differs at {}",
+            first_diff(&a, &e, "")
+        );
+    }
+}
+
+/// Temp file names are random per server: learn the sim's name for each recorded one.
+fn learn_names(expected: &Value, actual: &Value, ids: &mut HashMap<String, String>) {
+    match (expected, actual) {
+        (Value::Object(e), Value::Object(a)) => {
+            for (k, ev) in e {
+                let key = ids.get(k).cloned().unwrap_or_else(|| k.clone());
+                let Some(av) = a.get(&key).or_else(|| {
+                    if e.len() == 1 && a.len() == 1 {
+                        a.values().next()
+                    } else {
+                        None
+                    }
+                }) else {
+                    continue;
+                };
+                if k == "filename"
+                    && let (Some(en), Some(an)) = (ev.as_str(), av.as_str())
+                    && en != an
+                {
+                    ids.insert(en.to_owned(), an.to_owned());
+                }
+                learn_names(ev, av, ids);
+            }
+        }
+        (Value::Array(e), Value::Array(a)) => {
+            for (ev, av) in e.iter().zip(a) {
+                learn_names(ev, av, ids);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Where two JSON values first differ, for readable failures.
+pub fn first_diff(a: &Value, e: &Value, path: &str) -> String {
+    match (a, e) {
+        (Value::Object(x), Value::Object(y)) => {
+            for k in x.keys().chain(y.keys()) {
+                match (x.get(k), y.get(k)) {
+                    (Some(p), Some(q)) if p != q => {
+                        return first_diff(p, q, &format!("{path}.{k}"));
+                    }
+                    (None, _) | (_, None) => {
+                        return format!("{path}.{k} (present on one side only)");
+                    }
+                    _ => {}
+                }
+            }
+            path.to_owned()
+        }
+        (Value::Array(x), Value::Array(y)) if x.len() == y.len() => {
+            for (i, (p, q)) in x.iter().zip(y).enumerate() {
+                if p != q {
+                    return first_diff(p, q, &format!("{path}[{i}]"));
+                }
+            }
+            path.to_owned()
+        }
+        _ => format!("{path}: sim {a} vs recorded {e}"),
+    }
+}
