@@ -188,10 +188,13 @@ fn post_prompt(body: Bytes, shared: Data<&Arc<Shared>>) -> Response {
                 &json!({"prompt_id": prompt_id, "number": number, "node_errors": node_errors}),
             )
         }
-        Err((error, node_errors)) => Response::builder()
-            .status(StatusCode::BAD_REQUEST)
-            .content_type("application/json; charset=utf-8")
-            .body(dumps(&json!({"error": error, "node_errors": node_errors}))),
+        Err(rejected) => {
+            let (error, node_errors) = *rejected;
+            Response::builder()
+                .status(StatusCode::BAD_REQUEST)
+                .content_type("application/json; charset=utf-8")
+                .body(dumps(&json!({"error": error, "node_errors": node_errors})))
+        }
     }
 }
 

@@ -446,13 +446,12 @@ fn save_images(
     }
     let mut results = Vec::new();
     let mut st = ctx.shared.lock();
-    let mut counter = st.files.next_counter(root, &sub, &stem);
-    for f in frames.iter() {
+    let first = st.files.next_counter(root, &sub, &stem);
+    for (counter, f) in (first..).zip(frames.iter()) {
         let name = format!("{stem}_{counter:05}_.png");
         st.files
             .put(root, &sub, &name, Bytes::from(pixels::encode_png(f, &text)));
         results.push(json!({"filename": name, "subfolder": sub, "type": root.as_str()}));
-        counter += 1;
     }
     Ok(CacheEntry {
         values: vec![],

@@ -22,7 +22,7 @@ type Checked = (bool, Vec<Value>);
 
 /// Outcome of `validate_prompt`: the outputs to execute and the per-node errors,
 /// or the top-level error (HTTP 400).
-pub type Outcome = Result<(Vec<String>, Map<String, Value>), (Value, Map<String, Value>)>;
+pub type Outcome = Result<(Vec<String>, Map<String, Value>), Box<(Value, Map<String, Value>)>>;
 
 fn top_error(kind: &str, message: &str, details: &str) -> Value {
     json!({"type": kind, "message": message, "details": details, "extra_info": {}})
@@ -52,7 +52,7 @@ pub fn validate_prompt(
                 "Cannot execute because a node is missing the class_type property.",
                 &format!("Node ID '#{id}'"),
             );
-            return Err((e, Map::new()));
+            return Err(Box::new((e, Map::new())));
         };
         let Some(class_info) = class.as_str().and_then(|c| info.get(c)) else {
             let e = top_error(
@@ -63,17 +63,15 @@ pub fn validate_prompt(
                 ),
                 &format!("Node ID '#{id}'"),
             );
-            return Err((e, Map::new()));
+            return Err(Box::new((e, Map::new())));
         };
         if ClassInfo(class_info).is_output() && partial.is_none_or(|p| p.iter().any(|t| t == id)) {
             outputs.push(id.clone());
         }
     }
     if outputs.is_empty() {
-        return Err((
-            top_error("prompt_no_outputs", "Prompt has no outputs", ""),
-            Map::new(),
-        ));
+        let e = top_error("prompt_no_outputs", "Prompt has no outputs", "");
+        return Err(Box::new((e, Map::new())));
     }
     // ComfyUI keeps outputs in a Python set, so their order is the string hashes'.
     // The recorded server listed them last-first; do the same, deterministically.
@@ -139,7 +137,7 @@ pub fn validate_prompt(
             "Prompt outputs failed validation",
             &failed_reasons.join("\n"),
         );
-        return Err((e, node_errors));
+        return Err(Box::new((e, node_errors)));
     }
     Ok((good, node_errors))
 }

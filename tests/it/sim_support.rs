@@ -125,9 +125,25 @@ fn expected_frame(line: &Value) -> Frame {
 pub struct Inbox {
     pub frames: Mutex<Vec<(Frame, Value, Vec<u8>)>>,
     pub arrived: Notify,
+    /// Set when the server ended the connection.
+    pub closed: std::sync::atomic::AtomicBool,
 }
 
 impl Inbox {
+    pub async fn wait_closed(&self, what: &str) {
+        let ok = tokio::time::timeout(DEADLINE, async {
+            loop {
+                let notified = self.arrived.notified();
+                if self.closed.load(std::sync::atomic::Ordering::SeqCst) {
+                    return;
+                }
+                notified.await;
+            }
+        })
+        .await;
+        assert!(ok.is_ok(), "{what}: socket still open");
+    }
+
     pub async fn wait_for(&self, count: usize, what: &str) {
         let ok = tokio::time::timeout(DEADLINE, async {
             loop {
@@ -158,32 +174,84 @@ impl Inbox {
             .collect()
     }
 
-    /// Waits for a text frame of `kind` (after skipping `skip` such frames).
-    pub async fn wait_text(&self, kind: &str, what: &str) -> Value {
-        let ok = tokio::time::timeout(DEADLINE, async {
+    /// Waits for the first text frame `pred` accepts.
+    pub async fn wait_text(&self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let found = tokio::time::timeout(DEADLINE, async {
             loop {
                 let notified = self.arrived.notified();
-                let found = self
+                let hit = self
                     .frames
                     .lock()
                     .unwrap()
                     .iter()
-                    .find_map(|(f, v, _)| match f {
-                        Frame::Text { kind: k, .. } if k == kind => Some(v.clone()),
-                        _ => None,
-                    });
-                if let Some(v) = found {
+                    .find(|(f, v, _)| matches!(f, Frame::Text { .. }) && pred(v))
+                    .map(|(_, v, _)| v.clone());
+                if let Some(v) = hit {
                     return v;
                 }
                 notified.await;
             }
         })
         .await;
-        match ok {
+        match found {
             Ok(v) => v,
-            Err(_) => panic!("{what}: no {kind} frame, got {:?}", self.kinds()),
+            Err(_) => panic!("{what}: not seen; got {:?}", self.kinds()),
         }
     }
+
+    /// Waits until the prompt's end marker (`executing` with `node: null`).
+    pub async fn wait_done(&self, prompt_id: &str) -> Value {
+        self.wait_text("end of prompt", |v| {
+            v["type"] == "executing"
+                && v["data"]["node"].is_null()
+                && v["data"]["prompt_id"] == prompt_id
+        })
+        .await
+    }
+
+    pub fn texts(&self, kind: &str) -> Vec<Value> {
+        self.frames
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, v, _)| v["type"] == kind)
+            .map(|(_, v, _)| v.clone())
+            .collect()
+    }
+
+    pub fn binaries(&self) -> Vec<(Frame, Vec<u8>)> {
+        self.frames
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(f, _, _)| matches!(f, Frame::Binary { .. }))
+            .map(|(f, _, i)| (f.clone(), i.clone()))
+            .collect()
+    }
+}
+
+/// POSTs JSON to the sim and returns (status, JSON body).
+pub async fn post_json(base: &str, path: &str, body: &Value) -> (u16, Value) {
+    let resp = reqwest::Client::new()
+        .post(format!("{base}{path}"))
+        .json(body)
+        .send()
+        .await
+        .expect("http");
+    let status = resp.status().as_u16();
+    let bytes = resp.bytes().await.expect("body");
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
+}
+
+pub async fn get_bytes(base: &str, path: &str) -> (u16, Vec<u8>) {
+    let resp = reqwest::get(format!("{base}{path}")).await.expect("http");
+    (
+        resp.status().as_u16(),
+        resp.bytes().await.expect("body").to_vec(),
+    )
 }
 
 pub type WsSink = futures_util::stream::SplitSink<
@@ -225,6 +293,8 @@ pub async fn connect(url: &str) -> (WsSink, Arc<Inbox>) {
             feed.frames.lock().unwrap().push(entry);
             feed.arrived.notify_waiters();
         }
+        feed.closed.store(true, std::sync::atomic::Ordering::SeqCst);
+        feed.arrived.notify_waiters();
     });
     (sink, inbox)
 }
