@@ -357,7 +357,10 @@ impl Run {
 
     /// Sleeps, waking early on an interrupt; `Err` if the prompt was interrupted.
     pub async fn pause(&self, d: std::time::Duration) -> Result<(), NodeError> {
+        // Registered before the flag check, so an interrupt in between still wakes us.
         let woken = self.shared.interrupted.notified();
+        tokio::pin!(woken);
+        woken.as_mut().enable();
         if self.interrupted() {
             return Err(NodeError::Interrupted);
         }

@@ -217,7 +217,7 @@ pub async fn run(
             let l = a.latent("samples")?;
             // Video latents decode to small frames: the sim's videos are kept tiny.
             let (w, h) = if l.frames > 1 {
-                fit(l.width, l.height, 256)
+                fit(l.width, l.height, 128)
             } else {
                 (l.width, l.height)
             };

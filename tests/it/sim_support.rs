@@ -134,6 +134,8 @@ impl Inbox {
         let ok = tokio::time::timeout(DEADLINE, async {
             loop {
                 let notified = self.arrived.notified();
+                tokio::pin!(notified);
+                notified.as_mut().enable();
                 if self.closed.load(std::sync::atomic::Ordering::SeqCst) {
                     return;
                 }
@@ -148,6 +150,8 @@ impl Inbox {
         let ok = tokio::time::timeout(DEADLINE, async {
             loop {
                 let notified = self.arrived.notified();
+                tokio::pin!(notified);
+                notified.as_mut().enable();
                 if self.frames.lock().unwrap().len() >= count {
                     return;
                 }
@@ -179,6 +183,8 @@ impl Inbox {
         let found = tokio::time::timeout(DEADLINE, async {
             loop {
                 let notified = self.arrived.notified();
+                tokio::pin!(notified);
+                notified.as_mut().enable();
                 let hit = self
                     .frames
                     .lock()
