@@ -1,4 +1,5 @@
 //! The integration test binary.
 
 mod sim;
+mod sim_replay;
 mod sim_support;

@@ -5,7 +5,8 @@ use std::time::Duration;
 use comfyfleet::sim::{self, ModelFile, SimConfig};
 use serde_json::{Value, json};
 
-use crate::sim_support::{self, Frame, connect, get_bytes, post_json, replay, send_text};
+use crate::sim_replay::replay;
+use crate::sim_support::{self, Frame, connect, get_bytes, post_json, send_text};
 
 /// Server A of the recordings: default preview method (none), one checkpoint.
 /// Nodes take a little time so interrupts and reconnects land where they did.
