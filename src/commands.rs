@@ -260,3 +260,18 @@ pub fn openapi(out: &mut impl Write) -> Result<(), CommandError> {
 fn one_line(text: &str) -> String {
     text.lines().map(str::trim).collect::<Vec<_>>().join("; ")
 }
+
+/// `comfyfleet sim`: serves a simulated ComfyUI until SIGTERM or SIGINT.
+pub async fn sim(args: &crate::sim::SimArgs) -> Result<(), CommandError> {
+    let listener = tokio::net::TcpListener::bind(args.bind)
+        .await
+        .map_err(|cause| CommandError::Bind {
+            addr: args.bind,
+            cause,
+        })?;
+    tracing::info!(url = %format!("http://{}", listener.local_addr()?), "comfyfleet sim listening");
+    let shutdown = CancellationToken::new();
+    tokio::spawn(cancel_on_signal(shutdown.clone()));
+    crate::sim::run(listener, args.to_config(), shutdown).await?;
+    Ok(())
+}

@@ -13,6 +13,7 @@
 //! - [`http`]       poem-openapi surfaces, problem+json errors, the credential middleware.
 //! - [`commands`]   what each CLI subcommand does.
 //! - [`dev`]        `comfyfleet dev`: the whole thing on a laptop, zero configuration.
+//! - [`sim`]        `comfyfleet sim`: a ComfyUI-protocol server that simulates execution, usable in-process.
 //! - [`telemetry`]  structured logging setup.
 //! - [`worker`]     the worker pod: claim, run on ComfyUI, publish progress, finish.
 
@@ -27,6 +28,7 @@ pub mod files;
 pub mod http;
 pub mod hub;
 pub mod jobs;
+pub mod sim;
 pub mod store;
 pub mod telemetry;
 pub mod worker;

@@ -4,6 +4,7 @@ use clap::{Parser, Subcommand};
 use comfyfleet::commands::{self, CommandError};
 use comfyfleet::config::{ApiArgs, DatabaseArgs};
 use comfyfleet::dev::DevArgs;
+use comfyfleet::sim::SimArgs;
 
 /// comfyfleet: a multi-tenant cloud API for fleets of ComfyUI workers.
 #[derive(Parser)]
@@ -29,6 +30,8 @@ enum Command {
     Apikey(ApikeyCommand),
     /// Print the OpenAPI spec.
     Openapi,
+    /// A ComfyUI-protocol server that simulates execution (tests, demos, load tests).
+    Sim(SimArgs),
 }
 
 #[derive(Subcommand)]
@@ -100,6 +103,7 @@ fn main() -> ExitCode {
                 commands::apikey_revoke(db, key_id, &mut stdout).await
             }
             Command::Openapi => commands::openapi(&mut stdout),
+            Command::Sim(args) => commands::sim(args).await,
         }
     });
     match result {

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
-use serde_json::{json, Map, Value};
+use serde_json::{Map, Value, json};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
@@ -41,7 +41,9 @@ pub enum ComfyError {
 /// What `POST /prompt` said.
 #[derive(Debug)]
 pub enum Queued {
-    Accepted { number: f64 },
+    Accepted {
+        number: f64,
+    },
     /// ComfyUI's 400 body (`error`, `node_errors`).
     Rejected(Value),
 }
@@ -49,15 +51,36 @@ pub enum Queued {
 /// A message from ComfyUI's WebSocket.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ComfyMessage {
-    Status { queue_remaining: u64 },
-    ExecutionStart { prompt_id: String },
-    ExecutionCached { prompt_id: String, nodes: Vec<String> },
+    Status {
+        queue_remaining: u64,
+    },
+    ExecutionStart {
+        prompt_id: String,
+    },
+    ExecutionCached {
+        prompt_id: String,
+        nodes: Vec<String>,
+    },
     /// `node: None` is the end-of-prompt marker. `prompt_id` is absent in the
     /// frame ComfyUI re-sends to a reconnecting client.
-    Executing { prompt_id: Option<String>, node: Option<String> },
-    Progress { prompt_id: Option<String>, node: Option<String>, value: u64, max: u64 },
-    Executed { prompt_id: String, node: String, output: Value },
-    Success { prompt_id: String },
+    Executing {
+        prompt_id: Option<String>,
+        node: Option<String>,
+    },
+    Progress {
+        prompt_id: Option<String>,
+        node: Option<String>,
+        value: u64,
+        max: u64,
+    },
+    Executed {
+        prompt_id: String,
+        node: String,
+        output: Value,
+    },
+    Success {
+        prompt_id: String,
+    },
     Error {
         prompt_id: String,
         node_id: Option<String>,
@@ -65,9 +88,18 @@ pub enum ComfyMessage {
         exception_type: String,
         exception_message: String,
     },
-    Interrupted { prompt_id: String, node_id: Option<String>, node_type: Option<String> },
+    Interrupted {
+        prompt_id: String,
+        node_id: Option<String>,
+        node_type: Option<String>,
+    },
     /// A preview frame; `prompt_id` and `node_id` come with the metadata variant.
-    Preview { image: Bytes, mime: &'static str, prompt_id: Option<String>, node_id: Option<String> },
+    Preview {
+        image: Bytes,
+        mime: &'static str,
+        prompt_id: Option<String>,
+        node_id: Option<String>,
+    },
     /// Anything else (`progress_state`, `feature_flags`, custom messages).
     Other,
 }
@@ -99,7 +131,11 @@ pub fn parse_text(text: &str) -> ComfyMessage {
                 prompt_id,
                 nodes: data["nodes"]
                     .as_array()
-                    .map(|a| a.iter().filter_map(|n| n.as_str().map(String::from)).collect())
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|n| n.as_str().map(String::from))
+                            .collect()
+                    })
                     .unwrap_or_default(),
             },
             None => ComfyMessage::Other,
@@ -131,7 +167,8 @@ pub fn parse_text(text: &str) -> ComfyMessage {
                 prompt_id,
                 node_id: str_field(data, "node_id"),
                 node_type: str_field(data, "node_type"),
-                exception_type: str_field(data, "exception_type").unwrap_or_else(|| "Exception".into()),
+                exception_type: str_field(data, "exception_type")
+                    .unwrap_or_else(|| "Exception".into()),
                 exception_message: str_field(data, "exception_message").unwrap_or_default(),
             },
             None => ComfyMessage::Other,
@@ -201,7 +238,9 @@ impl ComfyClient {
         let base = Url::parse(base.trim_end_matches('/'))
             .map_err(|e| ComfyError::BadUrl(format!("{base:?}: {e}")))?;
         if !matches!(base.scheme(), "http" | "https") {
-            return Err(ComfyError::BadUrl(format!("{base}: expected http:// or https://")));
+            return Err(ComfyError::BadUrl(format!(
+                "{base}: expected http:// or https://"
+            )));
         }
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
@@ -219,7 +258,11 @@ impl ComfyClient {
         format!("{}{path}", self.base.as_str().trim_end_matches('/'))
     }
 
-    async fn send(&self, what: &str, req: reqwest::RequestBuilder) -> Result<reqwest::Response, ComfyError> {
+    async fn send(
+        &self,
+        what: &str,
+        req: reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response, ComfyError> {
         req.send().await.map_err(|source| ComfyError::Unreachable {
             url: format!("{} ({what})", self.base),
             source,
@@ -229,10 +272,13 @@ impl ComfyClient {
     async fn json(&self, what: &str, path: &str) -> Result<Value, ComfyError> {
         let resp = self.send(what, self.http.get(self.url(path))).await?;
         let status = resp.status();
-        let body = resp.bytes().await.map_err(|source| ComfyError::Unreachable {
-            url: self.base.to_string(),
-            source,
-        })?;
+        let body = resp
+            .bytes()
+            .await
+            .map_err(|source| ComfyError::Unreachable {
+                url: self.base.to_string(),
+                source,
+            })?;
         if !status.is_success() {
             return Err(ComfyError::Status {
                 what: what.into(),
@@ -267,9 +313,19 @@ impl ComfyClient {
     pub async fn models(&self) -> Result<Vec<String>, ComfyError> {
         let folders = self.json("model folders", "/models").await?;
         let mut models = Vec::new();
-        for folder in folders.as_array().into_iter().flatten().filter_map(Value::as_str) {
-            if let Ok(Value::Array(names)) = self.json("models", &format!("/models/{folder}")).await {
-                models.extend(names.into_iter().filter_map(|n| n.as_str().map(String::from)));
+        for folder in folders
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+        {
+            if let Ok(Value::Array(names)) = self.json("models", &format!("/models/{folder}")).await
+            {
+                models.extend(
+                    names
+                        .into_iter()
+                        .filter_map(|n| n.as_str().map(String::from)),
+                );
             }
         }
         models.sort();
@@ -285,7 +341,10 @@ impl ComfyClient {
             .text("overwrite", "true")
             .text("type", "input");
         let resp = self
-            .send("upload", self.http.post(self.url("/upload/image")).multipart(form))
+            .send(
+                "upload",
+                self.http.post(self.url("/upload/image")).multipart(form),
+            )
             .await?;
         if !resp.status().is_success() {
             return Err(ComfyError::Status {
@@ -314,7 +373,10 @@ impl ComfyClient {
             "extra_data": extra,
         });
         let resp = self
-            .send("queue prompt", self.http.post(self.url("/prompt")).json(&body))
+            .send(
+                "queue prompt",
+                self.http.post(self.url("/prompt")).json(&body),
+            )
             .await?;
         let status = resp.status();
         let text = resp.text().await.unwrap_or_default();
@@ -334,7 +396,9 @@ impl ComfyClient {
 
     /// `GET /history/{prompt_id}`: the prompt's entry, if ComfyUI has it.
     pub async fn history(&self, prompt_id: &str) -> Result<Option<Value>, ComfyError> {
-        let all = self.json("history", &format!("/history/{prompt_id}")).await?;
+        let all = self
+            .json("history", &format!("/history/{prompt_id}"))
+            .await?;
         Ok(all.get(prompt_id).cloned())
     }
 
@@ -342,19 +406,27 @@ impl ComfyClient {
     pub async fn has_prompt(&self, prompt_id: &str) -> Result<bool, ComfyError> {
         let queue = self.json("queue", "/queue").await?;
         let listed = |key: &str| {
-            queue[key].as_array().into_iter().flatten().any(|item| {
-                item.get(1).and_then(Value::as_str) == Some(prompt_id)
-            })
+            queue[key]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|item| item.get(1).and_then(Value::as_str) == Some(prompt_id))
         };
         Ok(listed("queue_running") || listed("queue_pending"))
     }
 
     /// `GET /view`: an output file's bytes.
-    pub async fn view(&self, filename: &str, subfolder: &str, kind: &str) -> Result<Bytes, ComfyError> {
-        let req = self
-            .http
-            .get(self.url("/view"))
-            .query(&[("filename", filename), ("subfolder", subfolder), ("type", kind)]);
+    pub async fn view(
+        &self,
+        filename: &str,
+        subfolder: &str,
+        kind: &str,
+    ) -> Result<Bytes, ComfyError> {
+        let req = self.http.get(self.url("/view")).query(&[
+            ("filename", filename),
+            ("subfolder", subfolder),
+            ("type", kind),
+        ]);
         let resp = self.send("view", req).await?;
         if !resp.status().is_success() {
             return Err(ComfyError::Status {
@@ -363,10 +435,12 @@ impl ComfyClient {
                 body: String::new(),
             });
         }
-        resp.bytes().await.map_err(|source| ComfyError::Unreachable {
-            url: self.base.to_string(),
-            source,
-        })
+        resp.bytes()
+            .await
+            .map_err(|source| ComfyError::Unreachable {
+                url: self.base.to_string(),
+                source,
+            })
     }
 
     /// Stops `prompt_id` whether it runs or waits: `/interrupt` for the running one,
@@ -374,12 +448,16 @@ impl ComfyClient {
     pub async fn stop(&self, prompt_id: &str) -> Result<(), ComfyError> {
         self.send(
             "interrupt",
-            self.http.post(self.url("/interrupt")).json(&json!({"prompt_id": prompt_id})),
+            self.http
+                .post(self.url("/interrupt"))
+                .json(&json!({"prompt_id": prompt_id})),
         )
         .await?;
         self.send(
             "queue delete",
-            self.http.post(self.url("/queue")).json(&json!({"delete": [prompt_id]})),
+            self.http
+                .post(self.url("/queue"))
+                .json(&json!({"delete": [prompt_id]})),
         )
         .await?;
         Ok(())
@@ -390,7 +468,11 @@ impl ComfyClient {
     /// for a client with no socket.
     pub async fn connect(&self, client_id: &str) -> Result<ComfySocket, ComfyError> {
         let mut ws_url = self.base.clone();
-        let scheme = if self.base.scheme() == "https" { "wss" } else { "ws" };
+        let scheme = if self.base.scheme() == "https" {
+            "wss"
+        } else {
+            "ws"
+        };
         ws_url
             .set_scheme(scheme)
             .map_err(|_| ComfyError::BadUrl(self.base.to_string()))?;
@@ -444,16 +526,47 @@ mod tests {
 
     #[test]
     fn parses_the_recorded_message_shapes() {
-        let m = parse_text(r#"{"type": "executing", "data": {"node": "3", "display_node": "3", "prompt_id": "p"}}"#);
-        assert_eq!(m, ComfyMessage::Executing { prompt_id: Some("p".into()), node: Some("3".into()) });
+        let m = parse_text(
+            r#"{"type": "executing", "data": {"node": "3", "display_node": "3", "prompt_id": "p"}}"#,
+        );
+        assert_eq!(
+            m,
+            ComfyMessage::Executing {
+                prompt_id: Some("p".into()),
+                node: Some("3".into())
+            }
+        );
         let end = parse_text(r#"{"type": "executing", "data": {"node": null, "prompt_id": "p"}}"#);
-        assert_eq!(end, ComfyMessage::Executing { prompt_id: Some("p".into()), node: None });
-        let p = parse_text(r#"{"type": "progress", "data": {"value": 2, "max": 20, "prompt_id": "p", "node": "3"}}"#);
-        assert_eq!(p, ComfyMessage::Progress { prompt_id: Some("p".into()), node: Some("3".into()), value: 2, max: 20 });
-        let e = parse_text(r#"{"type": "execution_error", "data": {"prompt_id": "p", "node_id": "3", "node_type": "SaveImage", "exception_type": "Exception", "exception_message": "boom"}}"#);
-        assert!(matches!(e, ComfyMessage::Error { ref exception_message, .. } if exception_message == "boom"));
+        assert_eq!(
+            end,
+            ComfyMessage::Executing {
+                prompt_id: Some("p".into()),
+                node: None
+            }
+        );
+        let p = parse_text(
+            r#"{"type": "progress", "data": {"value": 2, "max": 20, "prompt_id": "p", "node": "3"}}"#,
+        );
+        assert_eq!(
+            p,
+            ComfyMessage::Progress {
+                prompt_id: Some("p".into()),
+                node: Some("3".into()),
+                value: 2,
+                max: 20
+            }
+        );
+        let e = parse_text(
+            r#"{"type": "execution_error", "data": {"prompt_id": "p", "node_id": "3", "node_type": "SaveImage", "exception_type": "Exception", "exception_message": "boom"}}"#,
+        );
+        assert!(
+            matches!(e, ComfyMessage::Error { ref exception_message, .. } if exception_message == "boom")
+        );
         assert_eq!(parse_text("not json"), ComfyMessage::Other);
-        assert_eq!(parse_text(r#"{"type": "progress_state", "data": {}}"#), ComfyMessage::Other);
+        assert_eq!(
+            parse_text(r#"{"type": "progress_state", "data": {}}"#),
+            ComfyMessage::Other
+        );
     }
 
     #[test]
@@ -461,7 +574,12 @@ mod tests {
         let mut legacy = vec![0, 0, 0, 1, 0, 0, 0, 1];
         legacy.extend_from_slice(&[0xff, 0xd8, 0xff]);
         match parse_binary(Bytes::from(legacy)).unwrap() {
-            ComfyMessage::Preview { image, mime, prompt_id, .. } => {
+            ComfyMessage::Preview {
+                image,
+                mime,
+                prompt_id,
+                ..
+            } => {
                 assert_eq!(&image[..], &[0xff, 0xd8, 0xff]);
                 assert_eq!(mime, "image/jpeg");
                 assert!(prompt_id.is_none());
@@ -474,7 +592,12 @@ mod tests {
         framed.extend_from_slice(meta);
         framed.extend_from_slice(b"\x89PNG");
         match parse_binary(Bytes::from(framed)).unwrap() {
-            ComfyMessage::Preview { image, mime, prompt_id, node_id } => {
+            ComfyMessage::Preview {
+                image,
+                mime,
+                prompt_id,
+                node_id,
+            } => {
                 assert_eq!(&image[..], b"\x89PNG");
                 assert_eq!(mime, "image/png");
                 assert_eq!(prompt_id.as_deref(), Some("p"));

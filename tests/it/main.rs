@@ -11,4 +11,7 @@ mod jobs;
 mod keys_users;
 mod openapi;
 mod runner;
+mod sim;
+mod sim_replay;
+mod sim_support;
 mod uploads;
