@@ -4,16 +4,20 @@
 use std::io::Write;
 
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use std::sync::Arc;
 
 use crate::auth::{AuthError, AuthService, password};
+use crate::bus::{Bus, BusConfig};
 use crate::catalog::WorkflowCatalog;
-use crate::config::{ApiArgs, ApiConfig, ConfigError, DatabaseArgs};
+use crate::config::{ApiArgs, ApiConfig, ConfigError, DatabaseArgs, Secret};
 use crate::domain::ids::ApiKeyId;
 use crate::files::{Files, LinkSigner, UrlFetcher};
 use crate::http::{self, AppState};
+use crate::hub::{Hub, OutboxLimits};
 use crate::jobs::JobService;
+use crate::publish::{Publisher, Snapshots};
 use crate::store::{ConnectError, Store, StoreError};
 
 /// Why a command failed. Every variant displays as one line.
@@ -94,17 +98,75 @@ pub async fn migrate(args: &DatabaseArgs) -> Result<(), CommandError> {
     Ok(())
 }
 
+/// The bus and the progress snapshots: Redis when configured, else in-process.
+pub async fn connect_publisher(
+    redis_url: Option<&Secret>,
+    prefix: &str,
+    shutdown: &CancellationToken,
+    tasks: &TaskTracker,
+) -> Result<(Publisher, Option<redis::Client>), CommandError> {
+    let Some(url) = redis_url else {
+        return Ok((
+            Publisher {
+                bus: Bus::in_process(BusConfig::new(prefix)),
+                snapshots: Snapshots::memory(),
+            },
+            None,
+        ));
+    };
+    let bad = |e: &dyn std::fmt::Display| {
+        ConfigError::new("REDIS_URL", format!("cannot reach Redis: {e}"))
+    };
+    let client = redis::Client::open(url.expose()).map_err(|e| bad(&e))?;
+    let bus = Bus::redis(
+        client.clone(),
+        BusConfig::new(prefix),
+        shutdown.clone(),
+        tasks,
+    )
+    .await
+    .map_err(|e| bad(&e))?;
+    let conn = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        redis::aio::ConnectionManager::new(client.clone()),
+    )
+    .await
+    .map_err(|_| bad(&"timed out"))?
+    .map_err(|e| bad(&e))?;
+    Ok((
+        Publisher {
+            bus,
+            snapshots: Snapshots::Redis {
+                conn,
+                prefix: prefix.to_string(),
+            },
+        },
+        Some(client),
+    ))
+}
+
 /// Builds the API pod's state from its configuration (connects, migrates).
-pub async fn api_state(config: &ApiConfig) -> Result<AppState, CommandError> {
+/// Background tasks (the bus reader, hub feeds) run on `tasks` until `shutdown`.
+pub async fn api_state(
+    config: &ApiConfig,
+    shutdown: &CancellationToken,
+    tasks: &TaskTracker,
+) -> Result<AppState, CommandError> {
     let store = Store::connect(&config.database).await?;
     store.migrate().await?;
-    let redis = match &config.redis_url {
-        None => None,
-        Some(url) => Some(
-            redis::Client::open(url.expose())
-                .map_err(|e| ConfigError::new("REDIS_URL", e.to_string()))?,
-        ),
-    };
+    let (publisher, redis) = connect_publisher(
+        config.redis_url.as_ref(),
+        &config.redis_prefix,
+        shutdown,
+        tasks,
+    )
+    .await?;
+    let hub = Hub::new(
+        publisher.bus.clone(),
+        OutboxLimits::default(),
+        shutdown.clone(),
+        tasks,
+    );
     let catalog = match &config.manifests_dir {
         None => WorkflowCatalog::builtin(),
         Some(dir) => WorkflowCatalog::load_dir(dir),
@@ -122,6 +184,8 @@ pub async fn api_state(config: &ApiConfig) -> Result<AppState, CommandError> {
         max_upload: config.files.max_upload,
         fetcher: Arc::new(fetcher),
         public_url: config.public_url.clone(),
+        publisher,
+        hub,
         auth: AuthService::new(
             store.clone(),
             config.jwt_secret.expose().as_bytes(),
@@ -138,11 +202,14 @@ pub async fn api_state(config: &ApiConfig) -> Result<AppState, CommandError> {
 pub async fn api(args: &ApiArgs) -> Result<(), CommandError> {
     let mut config = args.resolve()?;
     let listener = bind(&mut config).await?;
-    let state = api_state(&config).await?;
     let shutdown = CancellationToken::new();
+    let tasks = TaskTracker::new();
+    let state = api_state(&config, &shutdown, &tasks).await?;
     tokio::spawn(cancel_on_signal(shutdown.clone()));
     tracing::info!(public_url = %config.public_url, "comfyfleet API starting");
     http::serve(listener, state, shutdown).await?;
+    tasks.close();
+    tasks.wait().await;
     tracing::info!("comfyfleet API stopped");
     Ok(())
 }

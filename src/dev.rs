@@ -5,6 +5,7 @@
 use std::io::Write;
 
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::auth::api_key::PresentedKey;
 use crate::auth::password;
@@ -49,7 +50,9 @@ pub async fn run(args: &DevArgs, out: &mut impl Write) -> Result<(), CommandErro
     let mut config = api.resolve()?;
     commands::create_database_if_missing(config.database.url.expose()).await?;
     let listener = commands::bind(&mut config).await?;
-    let state = commands::api_state(&config).await?;
+    let shutdown = CancellationToken::new();
+    let tasks = TaskTracker::new();
+    let state = commands::api_state(&config, &shutdown, &tasks).await?;
     let api_key = ensure_dev_tenant(&state, args.api_key.as_deref()).await?;
     let url = config.public_url.clone();
     let banner = DevBanner {
@@ -65,9 +68,10 @@ pub async fn run(args: &DevArgs, out: &mut impl Write) -> Result<(), CommandErro
     )?;
     out.flush()?;
 
-    let shutdown = CancellationToken::new();
     tokio::spawn(commands::cancel_on_signal(shutdown.clone()));
     http::serve(listener, state, shutdown).await?;
+    tasks.close();
+    tasks.wait().await;
     Ok(())
 }
 

@@ -5,6 +5,7 @@
 //! - [`domain`]     ids, manifests, prompt graphs and their validation, run parameters; no IO.
 //! - [`catalog`]    the workflow catalogue: loads and validates `manifests/*/`.
 //! - [`jobs`]       the job service: validate, queue, cancel; shared by every dialect.
+//! - [`publish`]    what goes on the bus (events, progress, previews) and progress snapshots.
 //! - [`auth`]       credentials (argon2id passwords, API-key digests, session JWTs) → a `Principal`.
 //! - [`bus`]        the fan-out fabric: envelope codec, Redis and in-process pub/sub behind one `Bus`.
 //! - [`hub`]        per-pod connection registry: one bus feed per tenant → N bounded, coalescing outboxes.
@@ -16,7 +17,6 @@
 //! - [`sim`]        `comfyfleet sim`: a ComfyUI-protocol server that simulates execution, usable in-process.
 //! - [`telemetry`]  structured logging setup.
 //! - [`worker`]     the worker pod: claim, run on ComfyUI, publish progress, finish.
-
 
 // Validation errors carry ComfyUI's whole 400 body (JSON maps that keep key order),
 // so several error types are large. They are built once per rejected request, off
@@ -34,6 +34,7 @@ pub mod files;
 pub mod http;
 pub mod hub;
 pub mod jobs;
+pub mod publish;
 pub mod sim;
 pub mod store;
 pub mod telemetry;

@@ -27,7 +27,9 @@ use std::sync::Arc;
 use crate::auth::AuthService;
 use crate::domain::ids::{JobId, TenantId};
 use crate::files::{Files, LinkSigner, MaxUploadBytes, UrlFetcher};
+use crate::hub::Hub;
 use crate::jobs::{Accepted, JobService, SubmitError, SubmitOptions, WorkSpec};
+use crate::publish::Publisher;
 use crate::store::events::StoredEvent;
 use crate::store::jobs::{Cancelled, Job};
 use crate::store::{Store, StoreError};
@@ -47,6 +49,10 @@ pub struct AppState {
     pub fetcher: Arc<UrlFetcher>,
     /// Base of the links this pod hands out.
     pub public_url: url::Url,
+    /// Publishes events, progress and previews on the bus.
+    pub publisher: Publisher,
+    /// This pod's live connections, fed from the bus.
+    pub hub: Hub,
     /// `None` when the pod runs without Redis.
     pub redis: Option<redis::Client>,
     pub secure_cookies: bool,
@@ -78,11 +84,9 @@ impl AppState {
         Ok(outcome)
     }
 
-    /// Publishes committed events to the pods' live streams.
+    /// Publishes committed events to every pod's live streams.
     pub async fn publish(&self, events: &[StoredEvent]) {
-        // The real-time tier subscribes here; until then the event log alone
-        // carries them (clients read it with `since`).
-        let _ = events;
+        self.publisher.events(events).await;
     }
 
     /// Waits until `job` is terminal or `deadline` passes; returns its latest state.

@@ -131,11 +131,12 @@ pub async fn spawn_app_with(
     args.public_url = Some(format!("http://{addr}"));
     adjust_args(&mut args);
     let config = args.resolve().expect("test config is valid");
-    let mut state = comfyfleet::commands::api_state(&config)
+    let shutdown = CancellationToken::new();
+    let tasks = tokio_util::task::TaskTracker::new();
+    let mut state = comfyfleet::commands::api_state(&config, &shutdown, &tasks)
         .await
         .expect("api state");
     adjust_state(&mut state);
-    let shutdown = CancellationToken::new();
     tokio::spawn(http::serve(listener, state.clone(), shutdown.clone()));
     TestApp {
         files_dir,
