@@ -137,7 +137,7 @@ pub async fn connect_publisher(
         Publisher {
             bus,
             snapshots: Snapshots::Redis {
-                conn,
+                conn: Box::new(conn),
                 prefix: prefix.to_string(),
             },
         },

@@ -23,7 +23,7 @@ const SNAPSHOT_TTL: Duration = Duration::from_secs(3600);
 pub enum Snapshots {
     /// Shared by every pod and worker.
     Redis {
-        conn: redis::aio::ConnectionManager,
+        conn: Box<redis::aio::ConnectionManager>,
         prefix: String,
     },
     /// One process only (dev mode, tests without Redis).
@@ -42,7 +42,7 @@ impl Snapshots {
     async fn put(&self, job: JobId, state: Bytes) {
         match self {
             Snapshots::Redis { conn, prefix } => {
-                let mut conn = conn.clone();
+                let mut conn = (**conn).clone();
                 let result: redis::RedisResult<()> = redis::cmd("SET")
                     .arg(Self::key(prefix, job))
                     .arg(state.as_ref())
@@ -64,7 +64,7 @@ impl Snapshots {
     pub async fn clear(&self, job: JobId) {
         match self {
             Snapshots::Redis { conn, prefix } => {
-                let mut conn = conn.clone();
+                let mut conn = (**conn).clone();
                 let _: redis::RedisResult<()> = redis::cmd("DEL")
                     .arg(Self::key(prefix, job))
                     .query_async(&mut conn)
@@ -80,7 +80,7 @@ impl Snapshots {
     pub async fn get(&self, job: JobId) -> Option<Bytes> {
         match self {
             Snapshots::Redis { conn, prefix } => {
-                let mut conn = conn.clone();
+                let mut conn = (**conn).clone();
                 let raw: redis::RedisResult<Option<Vec<u8>>> = redis::cmd("GET")
                     .arg(Self::key(prefix, job))
                     .query_async(&mut conn)
