@@ -69,6 +69,9 @@ impl AppState {
     ) -> Result<Accepted, SubmitError> {
         let accepted = self.jobs.submit(tenant, spec, options).await?;
         self.publish(&accepted.events).await;
+        if !accepted.replayed {
+            crate::worker::control::wake(&self.publisher.bus, tenant).await;
+        }
         Ok(accepted)
     }
 
@@ -78,8 +81,12 @@ impl AppState {
         id: JobId,
     ) -> Result<Option<Cancelled>, StoreError> {
         let outcome = self.jobs.cancel(tenant, id).await?;
-        if let Some(Cancelled::Now(_, events)) = &outcome {
-            self.publish(events).await;
+        match &outcome {
+            Some(Cancelled::Now(_, events)) => self.publish(events).await,
+            Some(Cancelled::Requested(job)) => {
+                crate::worker::control::cancel(&self.publisher.bus, tenant, job.id).await
+            }
+            _ => {}
         }
         Ok(outcome)
     }

@@ -15,3 +15,4 @@ mod sim;
 mod sim_replay;
 mod sim_support;
 mod uploads;
+mod worker;
