@@ -46,6 +46,36 @@ async fn a_manifest_workflow_runs_end_to_end_to_a_real_png() {
         app.job_event_types(&t, id).await,
         ["job.accepted", "job.queued", "job.started", "job.completed"]
     );
+    // The fleet view shows the worker and what its ComfyUI offers.
+    let fleet: Value = app
+        .http
+        .get(app.url("/api/admin/workers"))
+        .header("X-API-Key", &t.admin_key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(fleet[0]["id"], _w.id.to_string());
+    assert!(
+        fleet[0]["node_classes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c == "KSampler")
+    );
+    assert!(
+        fleet[0]["models"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m == "sd_xl_base_1.0.safetensors")
+    );
+    assert!(
+        fleet[0].get("comfyui_url").is_none(),
+        "no internal addresses"
+    );
 }
 
 #[tokio::test]
