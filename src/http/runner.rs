@@ -348,6 +348,34 @@ async fn serve_file(
     Ok(out)
 }
 
+/// The running shape, from the job's latest progress snapshot.
+async fn running_status(state: &AppState, job: JobId) -> RunStatus {
+    let snapshot: Value = match state.publisher.snapshots.get(job).await {
+        Some(bytes) => serde_json::from_slice(&bytes).unwrap_or_default(),
+        None => Value::Null,
+    };
+    let int = |k: &str| Some(snapshot[k].as_i64().unwrap_or(0));
+    let text = |k: &str| snapshot[k].as_str().map(String::from);
+    RunStatus {
+        node_title: text("node_title"),
+        node_type: text("node_type"),
+        step: int("step"),
+        total_steps: int("total_steps"),
+        percent: int("percent"),
+        nodes_done: int("nodes_done"),
+        total_nodes: int("total_nodes"),
+        effective_total: int("effective_total"),
+        cached_count: int("cached_count"),
+        eta_seconds: snapshot["eta_seconds"].as_f64(),
+        step_rate: snapshot["step_rate"].as_f64(),
+        node_outputs: Some(Any(snapshot
+            .get("node_outputs")
+            .cloned()
+            .unwrap_or_else(|| json!({})))),
+        ..RunStatus::bare("running")
+    }
+}
+
 /// Accepted values of `format` for `build`.
 #[derive(Debug, Clone, Copy, poem_openapi::Enum)]
 #[oai(rename_all = "lowercase")]
@@ -614,13 +642,7 @@ impl RunnerApi {
                 total_steps: Some(0),
                 ..RunStatus::bare("pending")
             },
-            JobStatus::Running => RunStatus {
-                step: Some(0),
-                total_steps: Some(0),
-                percent: Some(0),
-                node_outputs: Some(Any(json!({}))),
-                ..RunStatus::bare("running")
-            },
+            JobStatus::Running => running_status(&state, job.id).await,
             JobStatus::Completed => RunStatus {
                 outputs: Some(Any(super::uploads::runner_outputs(&state, &job).await?)),
                 ..RunStatus::bare("completed")
