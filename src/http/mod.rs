@@ -9,6 +9,7 @@ pub mod inputs;
 pub mod keys;
 pub mod problem;
 pub mod runner;
+pub mod runner_types;
 pub mod security;
 pub mod uploads;
 pub mod users;
