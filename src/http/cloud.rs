@@ -34,6 +34,10 @@ pub struct CreateJobRequest {
     /// Higher runs first, from -100 to 100. Default 0.
     #[oai(default)]
     pub priority: i32,
+    /// Longest the job may run, in seconds (1 to 86400); it is then interrupted and
+    /// fails with a `Timeout` cause.
+    #[oai(validator(minimum(value = "1"), maximum(value = "86400")))]
+    pub time_limit_secs: Option<u32>,
 }
 
 #[derive(ApiResponse)]
@@ -215,6 +219,7 @@ impl CloudApi {
                 SubmitOptions {
                     priority: body.priority,
                     idempotency_key: idempotency_key.0,
+                    time_limit_secs: body.time_limit_secs,
                     ..SubmitOptions::default()
                 },
             )

@@ -23,6 +23,9 @@ pub struct ManifestView {
     pub outputs: Vec<ManifestOutput>,
     pub required_models: Vec<String>,
     pub required_nodes: Vec<String>,
+    /// Longest a run may take, in seconds, if the manifest sets a limit.
+    #[oai(skip_serializing_if_is_none)]
+    pub time_limit_secs: Option<u64>,
 }
 
 #[derive(Debug, Object)]
@@ -104,6 +107,7 @@ impl From<&Workflow> for ManifestView {
                 .collect(),
             required_models: strings("required_models"),
             required_nodes: strings("required_nodes"),
+            time_limit_secs: v["time_limit_secs"].as_u64(),
         }
     }
 }

@@ -162,7 +162,11 @@ async fn execute(
     let settings = &worker.settings;
     let mut renew = tokio::time::interval(settings.lease / 3);
     renew.tick().await;
-    let deadline = started + settings.max_job_time;
+    let limit = job
+        .time_limit_secs
+        .map(|s| Duration::from_secs(s.max(1) as u64))
+        .map_or(settings.max_job_time, |l| l.min(settings.max_job_time));
+    let deadline = started + limit;
     let mut last_published: Option<Instant> = None;
     let mut dirty = false;
     let mut cancelling = false;
@@ -183,7 +187,7 @@ async fn execute(
                 let _ = comfy.stop(&prompt_id).await;
                 return Outcome::Failed(cause(
                     "Timeout",
-                    format!("the job ran longer than its limit of {}s", settings.max_job_time.as_secs()),
+                    format!("the job ran longer than its limit of {}s", limit.as_secs()),
                     None,
                 ));
             }

@@ -390,3 +390,38 @@ async fn progress_counts_cached_nodes_and_previews_travel_raw() {
         assert_eq!(&p[..2], &[0xff, 0xd8], "raw JPEG bytes, not base64");
     }
 }
+
+#[tokio::test]
+async fn a_job_over_its_time_limit_is_interrupted_and_failed() {
+    let app = spawn_app().await;
+    let t = app.tenant("acme").await;
+    let w = app
+        .start_worker(SimConfig {
+            step_time: Duration::from_millis(100),
+            ..SimConfig::default()
+        })
+        .await;
+    let mut body = slow_sampler(150);
+    body["time_limit_secs"] = json!(1);
+    let job = app.create_job(&t.admin_key, body).await;
+    let id = job["id"].as_str().unwrap().to_string();
+    let done = app.wait_job(&t.admin_key, &id, 30).await;
+    assert_eq!(done["status"], "failed", "{done}");
+    assert_eq!(done["cause"]["exception_type"], "Timeout");
+    // The prompt was stopped on ComfyUI, not left running there.
+    let queue = eventually(10, || async {
+        let q: Value = reqwest::get(format!("{}/queue", w.sim.url()))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        q["queue_running"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+            .then_some(q)
+    })
+    .await;
+    assert_eq!(queue["queue_pending"], json!([]));
+}
