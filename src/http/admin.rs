@@ -162,23 +162,14 @@ impl AdminApi {
                 RECENT_JOBS,
             )
             .await?;
-        let mut view = QueueView {
-            running: Vec::new(),
-            queued: Vec::new(),
-            recent: Vec::new(),
-        };
-        for job in &active {
-            let v = super::cloud::job_view(&state, job).await?;
-            if job.status == JobStatus::Running {
-                view.running.push(v);
-            } else {
-                view.queued.push(v);
-            }
-        }
-        for job in &finished {
-            view.recent.push(super::cloud::job_view(&state, job).await?);
-        }
-        Ok(Json(view))
+        let (running, waiting): (Vec<_>, Vec<_>) = active
+            .into_iter()
+            .partition(|j| j.status == JobStatus::Running);
+        Ok(Json(QueueView {
+            running: super::cloud::job_views(&state, &running).await?,
+            queued: super::cloud::job_views(&state, &waiting).await?,
+            recent: super::cloud::job_views(&state, &finished).await?,
+        }))
     }
 }
 

@@ -128,13 +128,26 @@ fn parse_statuses(raw: Option<&str>) -> Result<Vec<JobStatus>, ApiError> {
 }
 
 pub(super) async fn job_view(state: &AppState, job: &Job) -> Result<JobView, ApiError> {
-    let outputs = super::uploads::output_views(state, job).await?;
-    let mut view = JobView::new(job, outputs);
-    if job.status == JobStatus::Queued {
-        let workers = state.store.list_workers(WORKER_FRESH_SECS).await?;
-        view.queue_reason = queue_reason(job, &workers);
+    Ok(job_views(state, std::slice::from_ref(job)).await?.remove(0))
+}
+
+/// Views of several jobs; the fleet is read once for all the queued ones.
+pub(super) async fn job_views(state: &AppState, jobs: &[Job]) -> Result<Vec<JobView>, ApiError> {
+    let workers = if jobs.iter().any(|j| j.status == JobStatus::Queued) {
+        state.store.list_workers(WORKER_FRESH_SECS).await?
+    } else {
+        Vec::new()
+    };
+    let mut views = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        let outputs = super::uploads::output_views(state, job).await?;
+        let mut view = JobView::new(job, outputs);
+        if job.status == JobStatus::Queued {
+            view.queue_reason = queue_reason(job, &workers);
+        }
+        views.push(view);
     }
-    Ok(view)
+    Ok(views)
 }
 
 /// Workers seen within this many seconds count as online.
@@ -289,12 +302,8 @@ impl CloudApi {
         } else {
             None
         };
-        let mut views = Vec::with_capacity(jobs.len());
-        for job in &jobs {
-            views.push(job_view(&state, job).await?);
-        }
         Ok(Json(JobPage {
-            jobs: views,
+            jobs: job_views(&state, &jobs).await?,
             next_cursor,
         }))
     }
