@@ -8,11 +8,14 @@ pub mod health;
 pub mod inputs;
 pub mod keys;
 pub mod problem;
+pub mod render;
 pub mod runner;
 pub mod security;
+pub mod session_ws;
 pub mod uploads;
 pub mod users;
 pub mod views;
+pub mod ws;
 
 use std::time::Duration;
 
@@ -169,6 +172,7 @@ pub fn app(state: AppState) -> impl Endpoint {
     let spec = api.spec_endpoint();
     Route::new()
         .at("/files/*path", poem::get(uploads::serve_signed))
+        .at("/api/run/ws", poem::get(session_ws::session_ws))
         .nest("/", api)
         .nest("/docs", docs)
         .at("/openapi.json", spec)
