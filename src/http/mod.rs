@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod auth;
 pub mod cloud;
+pub mod cloud_ws;
 pub mod health;
 pub mod inputs;
 pub mod keys;
@@ -12,6 +13,7 @@ pub mod render;
 pub mod runner;
 pub mod security;
 pub mod session_ws;
+pub mod sse;
 pub mod uploads;
 pub mod users;
 pub mod views;
@@ -140,6 +142,7 @@ pub type Apis = (
     cloud::CloudApi,
     inputs::InputsApi,
     admin::AdminApi,
+    sse::SseApi,
 );
 
 /// The OpenAPI service: the operations and their spec. Needs no state, so
@@ -155,6 +158,7 @@ pub fn api_service() -> OpenApiService<Apis, ()> {
             cloud::CloudApi,
             inputs::InputsApi,
             admin::AdminApi,
+            sse::SseApi,
         ),
         "comfyfleet",
         env!("CARGO_PKG_VERSION"),
@@ -173,6 +177,7 @@ pub fn app(state: AppState) -> impl Endpoint {
     Route::new()
         .at("/files/*path", poem::get(uploads::serve_signed))
         .at("/api/run/ws", poem::get(session_ws::session_ws))
+        .at("/developer/api/v1/ws", poem::get(cloud_ws::cloud_ws))
         .nest("/", api)
         .nest("/docs", docs)
         .at("/openapi.json", spec)
