@@ -14,4 +14,5 @@ mod runner;
 mod sim;
 mod sim_replay;
 mod sim_support;
+mod streams;
 mod uploads;
