@@ -207,12 +207,12 @@ impl Session {
     async fn handle(&mut self, next: Next) -> Result<(), Stop> {
         match next {
             Next::Envelope(env) => {
-                if self.preview_meta && env.kind == EnvelopeKind::Preview {
-                    if let Some(frame) =
+                if self.preview_meta
+                    && env.kind == EnvelopeKind::Preview
+                    && let Some(frame) =
                         env.rendered(Dialect::SessionPreviewMeta, render::session_preview_meta)
-                    {
-                        self.send_frame(frame).await?;
-                    }
+                {
+                    self.send_frame(frame).await?;
                 }
                 if let Some(frame) = env.rendered(Dialect::SessionStream, render::session_frame) {
                     self.send_frame(frame).await?;
@@ -289,9 +289,8 @@ impl Session {
                 continue;
             }
             if let Some(state) = self.state.publisher.snapshots.get(job.id).await {
-                if let Ok(text) = String::from_utf8(state.to_vec()) {
-                    self.send(ws::text(text)).await?;
-                }
+                // Validated as UTF-8 on the way out, like every rendered frame.
+                self.send_frame(crate::bus::Frame::Text(state)).await?;
             }
         }
         Ok(())
