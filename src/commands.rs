@@ -11,14 +11,17 @@ use std::sync::Arc;
 use crate::auth::{AuthError, AuthService, password};
 use crate::bus::{Bus, BusConfig};
 use crate::catalog::WorkflowCatalog;
-use crate::config::{ApiArgs, ApiConfig, ConfigError, DatabaseArgs, Secret};
+use crate::config::{ApiArgs, ApiConfig, ConfigError, DatabaseArgs, Secret, WorkerArgs};
 use crate::domain::ids::ApiKeyId;
+use crate::domain::ids::WorkerId;
 use crate::files::{Files, LinkSigner, UrlFetcher};
 use crate::http::{self, AppState};
 use crate::hub::{Hub, OutboxLimits};
 use crate::jobs::JobService;
 use crate::publish::{Publisher, Snapshots};
 use crate::store::{ConnectError, Store, StoreError};
+use crate::worker::comfy::ComfyClient;
+use crate::worker::{Worker, WorkerSettings};
 
 /// Why a command failed. Every variant displays as one line.
 #[derive(Debug, thiserror::Error)]
@@ -341,4 +344,45 @@ pub async fn sim(args: &crate::sim::SimArgs) -> Result<(), CommandError> {
     tokio::spawn(cancel_on_signal(shutdown.clone()));
     crate::sim::run(listener, args.to_config(), shutdown).await?;
     Ok(())
+}
+
+/// `comfyfleet worker`: claims and runs jobs on one ComfyUI until SIGTERM/SIGINT.
+pub async fn worker(args: &WorkerArgs) -> Result<(), CommandError> {
+    let config = args.resolve()?;
+    let store = Store::connect(&config.database).await?;
+    store.migrate().await?;
+    let files = Files::open(&config.files.location)
+        .await
+        .map_err(|e| ConfigError::new("COMFYFLEET_OBJECT_STORE", e.to_string()))?;
+    let shutdown = CancellationToken::new();
+    let tasks = TaskTracker::new();
+    let (publisher, _) = connect_publisher(
+        config.redis_url.as_ref(),
+        &config.redis_prefix,
+        &shutdown,
+        &tasks,
+    )
+    .await?;
+    let comfy = ComfyClient::new(config.comfyui_url.as_str())
+        .map_err(|e| ConfigError::new("COMFYFLEET_COMFYUI_URL", e.to_string()))?;
+    let worker = Worker {
+        id: WorkerId::new(),
+        store,
+        files,
+        publisher,
+        comfy,
+        settings: WorkerSettings {
+            pool: config.pool.clone(),
+            lease: config.lease,
+            max_job_time: config.max_job_time,
+            ..WorkerSettings::default()
+        },
+    };
+    tokio::spawn(cancel_on_signal(shutdown.clone()));
+    tracing::info!(worker = %worker.id, comfyui = %config.comfyui_url, "worker starting");
+    let result = worker.run(shutdown.clone()).await;
+    shutdown.cancel();
+    tasks.close();
+    tasks.wait().await;
+    result.map_err(|e| CommandError::Invalid(e.to_string()))
 }

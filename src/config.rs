@@ -189,6 +189,102 @@ pub struct ApiArgs {
 
 pub const DEFAULT_BIND: &str = "127.0.0.1:8080";
 
+/// The raw strings for a worker pod's settings.
+#[derive(Clone, Debug, Default, clap::Args)]
+pub struct WorkerArgs {
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+    /// Redis URL; without it the worker cannot reach API pods in other processes.
+    #[arg(long, env = "REDIS_URL", hide_env_values = true)]
+    pub redis_url: Option<String>,
+    #[arg(long, env = "COMFYFLEET_REDIS_PREFIX")]
+    pub redis_prefix: Option<String>,
+    /// The object store shared with the API pods.
+    #[arg(long, env = "COMFYFLEET_OBJECT_STORE")]
+    pub object_store: Option<String>,
+    /// The ComfyUI this worker drives.
+    #[arg(
+        long,
+        env = "COMFYFLEET_COMFYUI_URL",
+        default_value = "http://127.0.0.1:8188"
+    )]
+    pub comfyui_url: String,
+    /// Worker pool name (shown in the fleet view).
+    #[arg(long, env = "COMFYFLEET_POOL", default_value = "default")]
+    pub pool: String,
+    /// Lease length in seconds: a job is requeued this long after its worker vanished.
+    #[arg(long, env = "COMFYFLEET_LEASE_SECS")]
+    pub lease_secs: Option<String>,
+    /// Longest a job may run, in seconds (default 3600).
+    #[arg(long, env = "COMFYFLEET_MAX_JOB_SECS")]
+    pub max_job_secs: Option<String>,
+}
+
+/// A worker pod's settings.
+#[derive(Clone, Debug)]
+pub struct WorkerConfig {
+    pub database: DatabaseConfig,
+    pub redis_url: Option<Secret>,
+    pub redis_prefix: String,
+    pub files: FilesConfig,
+    pub comfyui_url: Url,
+    pub pool: String,
+    pub lease: Duration,
+    pub max_job_time: Duration,
+}
+
+impl WorkerArgs {
+    pub fn resolve(&self) -> Result<WorkerConfig, ConfigError> {
+        // The shared settings mean the same as for an API pod; reuse their checks.
+        let shared = ApiArgs {
+            database: self.database.clone(),
+            redis_url: self.redis_url.clone(),
+            redis_prefix: self.redis_prefix.clone(),
+            object_store: self.object_store.clone(),
+            jwt_secret: Some("x".repeat(MIN_JWT_SECRET_LEN)),
+            ..ApiArgs::default()
+        }
+        .resolve()?;
+        let comfyui_url = Url::parse(&self.comfyui_url)
+            .ok()
+            .filter(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some())
+            .ok_or_else(|| {
+                ConfigError::new(
+                    "COMFYFLEET_COMFYUI_URL",
+                    format!("{:?} is not an http(s) URL with a host", self.comfyui_url),
+                )
+            })?;
+        let lease = parse_or("COMFYFLEET_LEASE_SECS", self.lease_secs.as_deref(), 30u64)?;
+        let max_job = parse_or(
+            "COMFYFLEET_MAX_JOB_SECS",
+            self.max_job_secs.as_deref(),
+            3600u64,
+        )?;
+        if lease < 3 {
+            return Err(ConfigError::new(
+                "COMFYFLEET_LEASE_SECS",
+                "must be at least 3",
+            ));
+        }
+        if max_job == 0 {
+            return Err(ConfigError::new(
+                "COMFYFLEET_MAX_JOB_SECS",
+                "must be at least 1",
+            ));
+        }
+        Ok(WorkerConfig {
+            database: shared.database,
+            redis_url: shared.redis_url,
+            redis_prefix: shared.redis_prefix,
+            files: shared.files,
+            comfyui_url,
+            pool: self.pool.clone(),
+            lease: Duration::from_secs(lease),
+            max_job_time: Duration::from_secs(max_job),
+        })
+    }
+}
+
 impl ApiArgs {
     pub fn resolve(&self) -> Result<ApiConfig, ConfigError> {
         let database = self.database.resolve()?;

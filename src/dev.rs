@@ -1,8 +1,10 @@
 //! `comfyfleet dev`: everything for a laptop in one process, with defaults that
-//! need no configuration — a local Postgres database it creates if missing, a
-//! per-run signing secret, and a dev tenant with a user and an API key it prints.
+//! need no configuration — the API, two simulated ComfyUIs each with its worker, a
+//! local Postgres database it creates if missing, a per-run signing secret, and a
+//! dev tenant with a user and an API key it prints.
 
 use std::io::Write;
+use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -11,7 +13,14 @@ use crate::auth::api_key::PresentedKey;
 use crate::auth::password;
 use crate::commands::{self, CommandError};
 use crate::config::{ApiArgs, ConfigError};
+use crate::domain::ids::WorkerId;
 use crate::http;
+use crate::sim::SimConfig;
+use crate::worker::comfy::ComfyClient;
+use crate::worker::{Worker, WorkerSettings};
+
+/// Simulated ComfyUIs (each with a worker) that `dev` runs.
+pub const DEV_WORKERS: usize = 2;
 
 /// Postgres database `dev` uses when `DATABASE_URL` is not set.
 pub const DEFAULT_DEV_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/comfyfleet_dev";
@@ -54,6 +63,33 @@ pub async fn run(args: &DevArgs, out: &mut impl Write) -> Result<(), CommandErro
     let tasks = TaskTracker::new();
     let state = commands::api_state(&config, &shutdown, &tasks).await?;
     let api_key = ensure_dev_tenant(&state, args.api_key.as_deref()).await?;
+    // Two simulated ComfyUIs, each with its worker, in this process.
+    let mut sims = Vec::new();
+    for _ in 0..DEV_WORKERS {
+        let sim = crate::sim::spawn(SimConfig {
+            step_time: Duration::from_millis(100),
+            node_time: Duration::from_millis(150),
+            preview_size: 256,
+            ..SimConfig::default()
+        })
+        .await?;
+        let worker = Worker {
+            id: WorkerId::new(),
+            store: state.store.clone(),
+            files: state.files.clone(),
+            publisher: state.publisher.clone(),
+            comfy: ComfyClient::new(&sim.url())
+                .map_err(|e| CommandError::Invalid(e.to_string()))?,
+            settings: WorkerSettings::default(),
+        };
+        let stop = shutdown.clone();
+        tasks.spawn(async move {
+            if let Err(e) = worker.run(stop).await {
+                tracing::error!(error = %e, "dev worker stopped");
+            }
+        });
+        sims.push(sim);
+    }
     let url = config.public_url.clone();
     let banner = DevBanner {
         url: url.as_str().trim_end_matches('/').to_string(),
@@ -69,9 +105,11 @@ pub async fn run(args: &DevArgs, out: &mut impl Write) -> Result<(), CommandErro
     out.flush()?;
 
     tokio::spawn(commands::cancel_on_signal(shutdown.clone()));
-    http::serve(listener, state, shutdown).await?;
+    http::serve(listener, state, shutdown.clone()).await?;
+    shutdown.cancel();
     tasks.close();
     tasks.wait().await;
+    drop(sims);
     Ok(())
 }
 

@@ -39,6 +39,8 @@ pub struct SubmitOptions {
     pub priority: i32,
     pub idempotency_key: Option<String>,
     pub extra_data: Value,
+    /// Longest the job may run, in seconds; a manifest's own limit wins if smaller.
+    pub time_limit_secs: Option<u32>,
 }
 
 /// A job the service accepted.
@@ -144,6 +146,7 @@ impl JobService {
             .as_ref()
             .map(|_| request_digest(&spec, &options));
 
+        let mut time_limit = options.time_limit_secs;
         let (workflow_id, graph, params, seeds, required_nodes, mut required_models, input_files) =
             match &spec {
                 WorkSpec::Workflow {
@@ -161,6 +164,10 @@ impl JobService {
                     )
                     .map_err(SubmitError::InvalidParams)?;
                     let files = built.image_inputs.iter().map(|(_, f)| f.clone()).collect();
+                    time_limit = match (time_limit, workflow.manifest.time_limit_secs) {
+                        (Some(a), Some(b)) => Some(a.min(b)),
+                        (a, b) => a.or(b),
+                    };
                     (
                         Some(workflow.id().as_str().to_string()),
                         built.graph,
@@ -208,6 +215,7 @@ impl JobService {
             required_nodes: required_nodes.into_iter().collect(),
             required_models,
             input_files,
+            time_limit_secs: time_limit.map(|t| t.min(i32::MAX as u32) as i32),
             idempotency_key: options.idempotency_key.clone(),
             request_digest,
         };
@@ -301,6 +309,7 @@ fn request_digest(spec: &WorkSpec, options: &SubmitOptions) -> [u8; 32] {
         "client_id": options.client_id,
         "priority": options.priority,
         "extra_data": options.extra_data,
+        "time_limit_secs": options.time_limit_secs,
     });
     Sha256::digest(serde_json::to_vec(&body).expect("JSON serialises")).into()
 }

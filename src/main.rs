@@ -2,7 +2,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use comfyfleet::commands::{self, CommandError};
-use comfyfleet::config::{ApiArgs, DatabaseArgs};
+use comfyfleet::config::{ApiArgs, DatabaseArgs, WorkerArgs};
 use comfyfleet::dev::DevArgs;
 use comfyfleet::sim::SimArgs;
 
@@ -20,6 +20,8 @@ enum Command {
     Dev(DevArgs),
     /// Run an API pod.
     Api(ApiArgs),
+    /// Run a worker pod beside one ComfyUI.
+    Worker(WorkerArgs),
     /// Apply database migrations.
     Migrate(DatabaseArgs),
     /// Manage tenants.
@@ -86,6 +88,7 @@ fn main() -> ExitCode {
         match &cli.command {
             Command::Dev(args) => comfyfleet::dev::run(args, &mut stdout).await,
             Command::Api(args) => commands::api(args).await,
+            Command::Worker(args) => commands::worker(args).await,
             Command::Migrate(db) => commands::migrate(db).await,
             Command::Tenant(TenantCommand::Create {
                 name,

@@ -90,6 +90,10 @@ pub struct Manifest {
     /// names are what workers can actually report.
     #[serde(default)]
     pub required_nodes: Vec<String>,
+    /// Longest a run may take before its worker interrupts it and fails it with a
+    /// timeout (the worker's own limit applies when this is absent or larger).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time_limit_secs: Option<u32>,
 }
 
 /// Only pre-built graphs exist today; the seed's `dynamic` (block-assembled) workflows

@@ -19,6 +19,25 @@ pub struct AdminApi;
 const MAX_EVENTS: i64 = 500;
 const RECENT_JOBS: i64 = 20;
 
+/// A worker of the fleet, as tenants may see it (no internal addresses).
+#[derive(Debug, Object)]
+pub struct WorkerView {
+    pub id: String,
+    pub pool: String,
+    /// idle, busy or draining.
+    pub status: String,
+    pub comfyui_version: Option<String>,
+    /// Node classes its ComfyUI offers.
+    pub node_classes: Vec<String>,
+    /// Model files its ComfyUI has.
+    pub models: Vec<String>,
+    pub started_at: chrono::DateTime<chrono::Utc>,
+    pub last_heartbeat_at: chrono::DateTime<chrono::Utc>,
+}
+
+/// Workers seen within this many seconds are listed.
+const FRESH_WORKER_SECS: i64 = 60;
+
 #[derive(Debug, Object)]
 pub struct QueueView {
     /// Running jobs.
@@ -97,6 +116,31 @@ impl AdminApi {
             .list_events(auth.principal().tenant_id, &query)
             .await?;
         Ok(Json(events.iter().map(EventView::from).collect()))
+    }
+
+    /// The worker fleet: every worker seen in the last minute, with what it can run.
+    #[oai(path = "/workers", method = "get", operation_id = "listWorkers")]
+    async fn workers(
+        &self,
+        state: Data<&AppState>,
+        _auth: Auth,
+    ) -> Result<Json<Vec<WorkerView>>, ApiError> {
+        let workers = state.store.list_workers(FRESH_WORKER_SECS).await?;
+        Ok(Json(
+            workers
+                .into_iter()
+                .map(|w| WorkerView {
+                    id: w.id.to_string(),
+                    pool: w.pool,
+                    status: w.status,
+                    comfyui_version: w.comfyui_version,
+                    node_classes: w.node_classes,
+                    models: w.models,
+                    started_at: w.started_at,
+                    last_heartbeat_at: w.last_heartbeat_at,
+                })
+                .collect(),
+        ))
     }
 
     /// The tenant's queue: running, waiting, and recently finished jobs.

@@ -34,6 +34,10 @@ pub struct CreateJobRequest {
     /// Higher runs first, from -100 to 100. Default 0.
     #[oai(default)]
     pub priority: i32,
+    /// Longest the job may run, in seconds (1 to 86400); it is then interrupted and
+    /// fails with a `Timeout` cause.
+    #[oai(validator(minimum(value = "1"), maximum(value = "86400")))]
+    pub time_limit_secs: Option<u32>,
 }
 
 #[derive(ApiResponse)]
@@ -125,7 +129,37 @@ fn parse_statuses(raw: Option<&str>) -> Result<Vec<JobStatus>, ApiError> {
 
 pub(super) async fn job_view(state: &AppState, job: &Job) -> Result<JobView, ApiError> {
     let outputs = super::uploads::output_views(state, job).await?;
-    Ok(JobView::new(job, outputs))
+    let mut view = JobView::new(job, outputs);
+    if job.status == JobStatus::Queued {
+        let workers = state.store.list_workers(WORKER_FRESH_SECS).await?;
+        view.queue_reason = queue_reason(job, &workers);
+    }
+    Ok(view)
+}
+
+/// Workers seen within this many seconds count as online.
+const WORKER_FRESH_SECS: i64 = 60;
+
+/// Why no online worker can take `job`, if none can.
+fn queue_reason(job: &Job, workers: &[crate::store::workers::WorkerRecord]) -> Option<String> {
+    if workers.is_empty() {
+        return Some("no worker is online".into());
+    }
+    let missing_for = |w: &crate::store::workers::WorkerRecord| -> Vec<&str> {
+        job.required_nodes
+            .iter()
+            .filter(|n| !w.node_classes.contains(n))
+            .chain(job.required_models.iter().filter(|m| !w.models.contains(m)))
+            .map(String::as_str)
+            .collect()
+    };
+    let closest = workers.iter().map(missing_for).min_by_key(Vec::len)?;
+    (!closest.is_empty()).then(|| {
+        format!(
+            "no online worker offers everything this job needs; missing: {}",
+            closest.join(", ")
+        )
+    })
 }
 
 async fn find_job(state: &AppState, tenant: TenantId, raw_id: &str) -> Result<Job, ApiError> {
@@ -185,6 +219,7 @@ impl CloudApi {
                 SubmitOptions {
                     priority: body.priority,
                     idempotency_key: idempotency_key.0,
+                    time_limit_secs: body.time_limit_secs,
                     ..SubmitOptions::default()
                 },
             )

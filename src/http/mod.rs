@@ -11,6 +11,7 @@ pub mod keys;
 pub mod problem;
 pub mod render;
 pub mod runner;
+pub mod runner_types;
 pub mod security;
 pub mod session_ws;
 pub mod sse;
@@ -30,9 +31,10 @@ use tokio_util::sync::CancellationToken;
 use std::sync::Arc;
 
 use crate::auth::AuthService;
+use crate::bus::EnvelopeKind;
 use crate::domain::ids::{JobId, TenantId};
 use crate::files::{Files, LinkSigner, MaxUploadBytes, UrlFetcher};
-use crate::hub::Hub;
+use crate::hub::{Filter, Hub, Next};
 use crate::jobs::{Accepted, JobService, SubmitError, SubmitOptions, WorkSpec};
 use crate::publish::Publisher;
 use crate::store::events::StoredEvent;
@@ -74,6 +76,9 @@ impl AppState {
     ) -> Result<Accepted, SubmitError> {
         let accepted = self.jobs.submit(tenant, spec, options).await?;
         self.publish(&accepted.events).await;
+        if !accepted.replayed {
+            crate::worker::control::wake(&self.publisher.bus, tenant).await;
+        }
         Ok(accepted)
     }
 
@@ -83,8 +88,12 @@ impl AppState {
         id: JobId,
     ) -> Result<Option<Cancelled>, StoreError> {
         let outcome = self.jobs.cancel(tenant, id).await?;
-        if let Some(Cancelled::Now(_, events)) = &outcome {
-            self.publish(events).await;
+        match &outcome {
+            Some(Cancelled::Now(_, events)) => self.publish(events).await,
+            Some(Cancelled::Requested(job)) => {
+                crate::worker::control::cancel(&self.publisher.bus, tenant, job.id).await
+            }
+            _ => {}
         }
         Ok(outcome)
     }
@@ -95,17 +104,39 @@ impl AppState {
     }
 
     /// Waits until `job` is terminal or `deadline` passes; returns its latest state.
+    /// Woken by the job's events on the bus; a slow re-read covers a lost publish.
     pub async fn wait_for_terminal(
         &self,
         tenant: TenantId,
-        mut job: Job,
+        job: Job,
         deadline: tokio::time::Instant,
     ) -> Result<Job, StoreError> {
-        let mut pause = Duration::from_millis(50);
-        while !job.status.is_terminal() && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep_until((tokio::time::Instant::now() + pause).min(deadline)).await;
-            pause = (pause * 2).min(Duration::from_secs(1));
-            match self.store.get_job(tenant, job.id).await? {
+        let id = job.id;
+        let conn = self
+            .hub
+            .attach(
+                tenant,
+                Filter::new(move |e| e.kind == EnvelopeKind::Event && e.job == Some(id)),
+            )
+            .await;
+        // Subscribed first, then re-read: a change in between is not missed.
+        let mut job = match self.store.get_job(tenant, id).await? {
+            Some(latest) => latest,
+            None => return Ok(job),
+        };
+        let mut recheck = tokio::time::interval(Duration::from_secs(5));
+        recheck.tick().await;
+        while !job.status.is_terminal() {
+            tokio::select! {
+                _ = tokio::time::sleep_until(deadline) => break,
+                next = conn.next() => {
+                    if matches!(next, Next::Close(_)) {
+                        break;
+                    }
+                }
+                _ = recheck.tick() => {}
+            }
+            match self.store.get_job(tenant, id).await? {
                 Some(latest) => job = latest,
                 None => break,
             }

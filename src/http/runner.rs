@@ -10,208 +10,18 @@ use poem_openapi::types::multipart::Upload;
 use poem_openapi::{ApiResponse, Multipart, Object, OpenApi};
 use serde_json::{Value, json};
 
-use super::problem::{ApiError, Problem};
+use super::problem::Problem;
+pub use super::runner_types::{ManifestView, RunStatus, RunnerError};
 use super::security::Auth;
 use super::uploads::file_response;
 use super::{ApiTags, AppState};
-use crate::catalog::Workflow;
 use crate::domain::ids::JobId;
 use crate::domain::job::JobStatus;
 use crate::files::{ObjectKey, SafeFilename, SafeSubfolder};
-use crate::jobs::{SubmitError, SubmitOptions, WorkSpec};
+use crate::jobs::{SubmitOptions, WorkSpec};
 use crate::store::inputs::InputStatus;
 
 pub struct RunnerApi;
-
-/// A workflow manifest, as `manifest.yaml` has it.
-#[derive(Debug, Object)]
-pub struct ManifestView {
-    pub id: String,
-    pub name: String,
-    #[oai(rename = "type")]
-    pub kind: String,
-    pub category: String,
-    pub description: String,
-    pub inputs: Vec<ManifestInput>,
-    pub outputs: Vec<ManifestOutput>,
-    pub required_models: Vec<String>,
-    pub required_nodes: Vec<String>,
-}
-
-#[derive(Debug, Object)]
-pub struct ManifestInput {
-    pub id: String,
-    /// text, int, float, bool, seed, image or select.
-    #[oai(rename = "type")]
-    pub kind: String,
-    pub label: String,
-    /// The node the input is bound to (an integer or a string, as the manifest has it).
-    pub node_id: Any<Value>,
-    pub field: String,
-    #[oai(skip_serializing_if_is_none)]
-    pub default: Option<Any<Value>>,
-    #[oai(skip_serializing_if_is_none)]
-    pub min: Option<Any<Value>>,
-    #[oai(skip_serializing_if_is_none)]
-    pub max: Option<Any<Value>>,
-    #[oai(skip_serializing_if_is_none)]
-    pub options: Option<Vec<Any<Value>>>,
-}
-
-#[derive(Debug, Object)]
-pub struct ManifestOutput {
-    #[oai(rename = "type")]
-    pub kind: String,
-    pub format: String,
-}
-
-impl From<&Workflow> for ManifestView {
-    fn from(w: &Workflow) -> Self {
-        // The manifest's own serde shape is the contract; the view re-reads it so the
-        // two can never drift.
-        let v = serde_json::to_value(&w.manifest).expect("a manifest serialises");
-        let s = |key: &str| v[key].as_str().unwrap_or_default().to_string();
-        let strings = |key: &str| -> Vec<String> {
-            v[key]
-                .as_array()
-                .map(|a| {
-                    a.iter()
-                        .filter_map(|x| x.as_str().map(String::from))
-                        .collect()
-                })
-                .unwrap_or_default()
-        };
-        let opt = |x: &Value| (!x.is_null()).then(|| Any(x.clone()));
-        ManifestView {
-            id: s("id"),
-            name: s("name"),
-            kind: s("type"),
-            category: s("category"),
-            description: s("description"),
-            inputs: v["inputs"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .map(|i| ManifestInput {
-                    id: i["id"].as_str().unwrap_or_default().into(),
-                    kind: i["type"].as_str().unwrap_or_default().into(),
-                    label: i["label"].as_str().unwrap_or_default().into(),
-                    node_id: Any(i["node_id"].clone()),
-                    field: i["field"].as_str().unwrap_or_default().into(),
-                    default: opt(&i["default"]),
-                    min: opt(&i["min"]),
-                    max: opt(&i["max"]),
-                    options: i["options"]
-                        .as_array()
-                        .map(|o| o.iter().cloned().map(Any).collect()),
-                })
-                .collect(),
-            outputs: v["outputs"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .map(|o| ManifestOutput {
-                    kind: o["type"].as_str().unwrap_or_default().into(),
-                    format: o["format"].as_str().unwrap_or_default().into(),
-                })
-                .collect(),
-            required_models: strings("required_models"),
-            required_nodes: strings("required_nodes"),
-        }
-    }
-}
-
-/// The seed's error body.
-#[derive(Debug, Object)]
-pub struct Detail {
-    /// A message, or for validation failures an object with `message`, `errors`
-    /// (one per bad parameter) and ComfyUI's `node_errors`.
-    pub detail: Any<Value>,
-}
-
-#[derive(Debug, ApiResponse)]
-pub enum RunnerError {
-    /// Invalid parameters or an invalid workflow graph.
-    #[oai(status = 400)]
-    BadRequest(Json<Detail>),
-    /// No such workflow, job or file in the caller's tenant.
-    #[oai(status = 404)]
-    NotFound(Json<Detail>),
-    /// The same Idempotency-Key with a different request.
-    #[oai(status = 409)]
-    Conflict(Json<Detail>),
-    /// The upload is larger than the limit.
-    #[oai(status = 413)]
-    TooLarge(Json<Detail>),
-    /// Something failed on our side.
-    #[oai(status = 500)]
-    Internal(Json<Detail>),
-    /// The requested format is not available yet.
-    #[oai(status = 501, content_type = "application/problem+json")]
-    NotImplemented(Json<Box<Problem>>),
-}
-
-impl RunnerError {
-    pub fn detail(status: u16, detail: Value) -> Self {
-        let body = Json(Detail {
-            detail: Any(detail),
-        });
-        match status {
-            400 => Self::BadRequest(body),
-            404 => Self::NotFound(body),
-            409 => Self::Conflict(body),
-            413 => Self::TooLarge(body),
-            _ => Self::Internal(body),
-        }
-    }
-
-    pub fn not_found(what: &str) -> Self {
-        Self::detail(404, json!(format!("{what} not found")))
-    }
-}
-
-impl From<ApiError> for RunnerError {
-    fn from(e: ApiError) -> Self {
-        let (status, p) = match e {
-            ApiError::BadRequest(p) => (400, p),
-            ApiError::Unauthorized(p) | ApiError::Forbidden(p) | ApiError::NotFound(p) => (404, p),
-            ApiError::Conflict(p) => (409, p),
-            ApiError::Internal(p) => (500, p),
-        };
-        Self::detail(status, json!(p.0.detail))
-    }
-}
-
-impl From<crate::store::StoreError> for RunnerError {
-    fn from(e: crate::store::StoreError) -> Self {
-        ApiError::from(e).into()
-    }
-}
-
-impl From<SubmitError> for RunnerError {
-    fn from(e: SubmitError) -> Self {
-        match e {
-            SubmitError::UnknownWorkflow(id) => Self::not_found(&format!("workflow {id:?}")),
-            SubmitError::InvalidParams(errors) => Self::detail(
-                400,
-                json!({
-                    "message": "invalid parameters",
-                    "errors": errors,
-                }),
-            ),
-            SubmitError::InvalidGraph(comfy) => {
-                let mut body = comfy.to_json();
-                if let Value::Object(map) = &mut body {
-                    map.insert("message".into(), json!("the workflow graph is invalid"));
-                }
-                Self::detail(400, body)
-            }
-            SubmitError::IdempotencyKeyReused => Self::detail(409, json!(e.to_string())),
-            SubmitError::Store(s) => s.into(),
-            other => Self::detail(400, json!(other.to_string())),
-        }
-    }
-}
 
 /// The multipart body of `build` and `execute`.
 #[derive(Debug, Multipart)]
@@ -230,63 +40,6 @@ pub struct ExecuteResponse {
     pub client_id: String,
     /// Seed inputs and the values used (random ones included).
     pub seeds: Any<Value>,
-}
-
-/// `GET /api/run/status/{prompt_id}`: one of the seed's four shapes.
-#[derive(Debug, Object)]
-pub struct RunStatus {
-    /// pending, running, completed or error.
-    pub status: String,
-    #[oai(skip_serializing_if_is_none)]
-    pub node_title: Option<String>,
-    #[oai(skip_serializing_if_is_none)]
-    pub node_type: Option<String>,
-    #[oai(skip_serializing_if_is_none)]
-    pub step: Option<i64>,
-    #[oai(skip_serializing_if_is_none)]
-    pub total_steps: Option<i64>,
-    #[oai(skip_serializing_if_is_none)]
-    pub percent: Option<i64>,
-    #[oai(skip_serializing_if_is_none)]
-    pub nodes_done: Option<i64>,
-    #[oai(skip_serializing_if_is_none)]
-    pub total_nodes: Option<i64>,
-    #[oai(skip_serializing_if_is_none)]
-    pub effective_total: Option<i64>,
-    #[oai(skip_serializing_if_is_none)]
-    pub cached_count: Option<i64>,
-    #[oai(skip_serializing_if_is_none)]
-    pub eta_seconds: Option<f64>,
-    #[oai(skip_serializing_if_is_none)]
-    pub step_rate: Option<f64>,
-    #[oai(skip_serializing_if_is_none)]
-    pub node_outputs: Option<Any<Value>>,
-    #[oai(skip_serializing_if_is_none)]
-    pub outputs: Option<Any<Value>>,
-    #[oai(skip_serializing_if_is_none)]
-    pub error: Option<String>,
-}
-
-impl RunStatus {
-    fn bare(status: &str) -> Self {
-        RunStatus {
-            status: status.into(),
-            node_title: None,
-            node_type: None,
-            step: None,
-            total_steps: None,
-            percent: None,
-            nodes_done: None,
-            total_nodes: None,
-            effective_total: None,
-            cached_count: None,
-            eta_seconds: None,
-            step_rate: None,
-            node_outputs: None,
-            outputs: None,
-            error: None,
-        }
-    }
 }
 
 #[derive(Debug, Multipart)]
@@ -346,6 +99,34 @@ async fn serve_file(
         out = out.header(name.clone(), value.clone());
     }
     Ok(out)
+}
+
+/// The running shape, from the job's latest progress snapshot.
+async fn running_status(state: &AppState, job: JobId) -> RunStatus {
+    let snapshot: Value = match state.publisher.snapshots.get(job).await {
+        Some(bytes) => serde_json::from_slice(&bytes).unwrap_or_default(),
+        None => Value::Null,
+    };
+    let int = |k: &str| Some(snapshot[k].as_i64().unwrap_or(0));
+    let text = |k: &str| snapshot[k].as_str().map(String::from);
+    RunStatus {
+        node_title: text("node_title"),
+        node_type: text("node_type"),
+        step: int("step"),
+        total_steps: int("total_steps"),
+        percent: int("percent"),
+        nodes_done: int("nodes_done"),
+        total_nodes: int("total_nodes"),
+        effective_total: int("effective_total"),
+        cached_count: int("cached_count"),
+        eta_seconds: snapshot["eta_seconds"].as_f64(),
+        step_rate: snapshot["step_rate"].as_f64(),
+        node_outputs: Some(Any(snapshot
+            .get("node_outputs")
+            .cloned()
+            .unwrap_or_else(|| json!({})))),
+        ..RunStatus::bare("running")
+    }
 }
 
 /// Accepted values of `format` for `build`.
@@ -614,13 +395,7 @@ impl RunnerApi {
                 total_steps: Some(0),
                 ..RunStatus::bare("pending")
             },
-            JobStatus::Running => RunStatus {
-                step: Some(0),
-                total_steps: Some(0),
-                percent: Some(0),
-                node_outputs: Some(Any(json!({}))),
-                ..RunStatus::bare("running")
-            },
+            JobStatus::Running => running_status(&state, job.id).await,
             JobStatus::Completed => RunStatus {
                 outputs: Some(Any(super::uploads::runner_outputs(&state, &job).await?)),
                 ..RunStatus::bare("completed")

@@ -27,6 +27,9 @@ pub struct JobView {
     pub outputs: Vec<OutputView>,
     /// True once a cancel was asked for while the job runs.
     pub cancel_requested: bool,
+    /// Why a queued job cannot start yet (no worker online, or none offers a node
+    /// class or model it needs); null when it is simply waiting its turn.
+    pub queue_reason: Option<String>,
     pub created_at: DateTime<Utc>,
     pub queued_at: Option<DateTime<Utc>>,
     pub started_at: Option<DateTime<Utc>>,
@@ -62,6 +65,7 @@ impl JobView {
                 .map(|c| Any(serde_json::to_value(c).expect("a cause serialises"))),
             outputs,
             cancel_requested: job.cancel_requested_at.is_some(),
+            queue_reason: None,
             created_at: job.created_at,
             queued_at: job.queued_at,
             started_at: job.started_at,

@@ -66,8 +66,8 @@ fn lease_interval(lease: Duration) -> f64 {
 
 impl Store {
     /// Claims the next job this worker can run: highest priority first; among equal
-    /// priority, the tenant with the fewest running jobs (so one tenant's backlog
-    /// cannot starve another's single job); then the oldest.
+    /// priority, the tenant served least recently (so one tenant's thousand queued
+    /// jobs cannot starve another's single job: tenants take turns); then the oldest.
     pub async fn claim_job(
         &self,
         worker: WorkerId,
@@ -84,12 +84,12 @@ impl Store {
                 WHERE j.status = 'queued' \
                   AND j.required_nodes <@ $1::text[] AND j.required_models <@ $2::text[] \
                 ORDER BY j.tenant_id, j.priority DESC, j.queued_at, j.id \
-             ), running AS ( \
-                SELECT tenant_id, count(*) AS n FROM jobs WHERE status = 'running' GROUP BY tenant_id \
              ), ranked AS ( \
                 SELECT h.id, row_number() OVER ( \
-                    ORDER BY h.priority DESC, coalesce(r.n, 0), h.queued_at, h.id) AS rank \
-                FROM heads h LEFT JOIN running r ON r.tenant_id = h.tenant_id \
+                    ORDER BY h.priority DESC, s.last_started NULLS FIRST, h.queued_at, h.id) AS rank \
+                FROM heads h LEFT JOIN LATERAL ( \
+                    SELECT max(started_at) AS last_started FROM jobs r \
+                    WHERE r.tenant_id = h.tenant_id AND r.started_at IS NOT NULL) s ON true \
              ) \
              SELECT j.id, j.tenant_id FROM jobs j JOIN ranked k ON k.id = j.id \
              WHERE j.status = 'queued' \

@@ -29,6 +29,8 @@ pub struct Job {
     pub required_nodes: Vec<String>,
     pub required_models: Vec<String>,
     pub input_files: Vec<String>,
+    /// Longest the job may run; the worker's own limit applies when absent.
+    pub time_limit_secs: Option<i32>,
     pub cause: Option<FailureCause>,
     pub attempts: i32,
     pub created_at: DateTime<Utc>,
@@ -55,6 +57,7 @@ pub struct NewJob {
     pub required_nodes: Vec<String>,
     pub required_models: Vec<String>,
     pub input_files: Vec<String>,
+    pub time_limit_secs: Option<i32>,
     /// With `request_digest`: a retried submit returns the original job.
     pub idempotency_key: Option<String>,
     pub request_digest: Option<[u8; 32]>,
@@ -97,6 +100,7 @@ struct JobRow {
     required_nodes: Vec<String>,
     required_models: Vec<String>,
     input_files: Vec<String>,
+    time_limit_secs: Option<i32>,
     cause: Option<Value>,
     attempts: i32,
     created_at: DateTime<Utc>,
@@ -129,6 +133,7 @@ impl TryFrom<JobRow> for Job {
             required_nodes: r.required_nodes,
             required_models: r.required_models,
             input_files: r.input_files,
+            time_limit_secs: r.time_limit_secs,
             cause: r.cause.and_then(|c| serde_json::from_value(c).ok()),
             attempts: r.attempts,
             created_at: r.created_at,
@@ -144,7 +149,7 @@ impl TryFrom<JobRow> for Job {
 /// The job columns plus its live queue position, for a `FROM jobs j` query.
 const JOB_SELECT: &str = "SELECT j.id, j.tenant_id, j.status, j.workflow_id, j.graph, j.params, \
     j.seeds, j.client_id, j.extra_data, j.priority, j.required_nodes, j.required_models, \
-    j.input_files, j.cause, j.attempts, j.created_at, j.queued_at, j.started_at, \
+    j.input_files, j.time_limit_secs, j.cause, j.attempts, j.created_at, j.queued_at, j.started_at, \
     j.completed_at, j.cancel_requested_at, \
     CASE WHEN j.status = 'queued' THEN ( \
         SELECT count(*) FROM jobs q \
@@ -169,8 +174,8 @@ impl Store {
         let inserted = sqlx::query(
             "INSERT INTO jobs (id, tenant_id, status, workflow_id, graph, params, seeds, client_id, \
                 extra_data, priority, required_nodes, required_models, input_files, \
-                idempotency_key, request_digest, queued_at) \
-             VALUES ($1, $2, 'queued', $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, now()) \
+                idempotency_key, request_digest, time_limit_secs, queued_at) \
+             VALUES ($1, $2, 'queued', $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, now()) \
              ON CONFLICT (tenant_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING",
         )
         .bind(new.id.as_uuid())
@@ -187,6 +192,7 @@ impl Store {
         .bind(&new.input_files)
         .bind(&new.idempotency_key)
         .bind(new.request_digest.as_ref().map(|d| d.as_slice()))
+        .bind(new.time_limit_secs)
         .execute(&mut *tx)
         .await?;
         if inserted.rows_affected() == 0 {

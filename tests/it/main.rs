@@ -16,3 +16,4 @@ mod sim_replay;
 mod sim_support;
 mod streams;
 mod uploads;
+mod worker;

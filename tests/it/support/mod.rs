@@ -326,3 +326,111 @@ where
         );
     }
 }
+
+/// A simulated ComfyUI with a worker in front of it, sharing the app's bus.
+pub struct TestWorker {
+    pub id: comfyfleet::domain::ids::WorkerId,
+    pub sim: comfyfleet::sim::SimHandle,
+    pub task: tokio::task::JoinHandle<()>,
+    stop: CancellationToken,
+}
+
+impl TestWorker {
+    /// Kills the worker as a crash would: no deregistration, no hand-back.
+    pub fn kill(&self) {
+        self.task.abort();
+    }
+}
+
+impl Drop for TestWorker {
+    fn drop(&mut self) {
+        self.stop.cancel();
+        self.task.abort();
+    }
+}
+
+/// Short leases and polls, so lapsed-lease recovery happens within a test's time.
+pub fn test_worker_settings() -> comfyfleet::worker::WorkerSettings {
+    comfyfleet::worker::WorkerSettings {
+        lease: Duration::from_secs(3),
+        poll_interval: Duration::from_millis(200),
+        heartbeat: Duration::from_secs(1),
+        ..Default::default()
+    }
+}
+
+impl TestApp {
+    pub async fn start_worker(&self, sim: comfyfleet::sim::SimConfig) -> TestWorker {
+        let sim = comfyfleet::sim::spawn(sim).await.expect("sim starts");
+        let worker = comfyfleet::worker::Worker {
+            id: comfyfleet::domain::ids::WorkerId::new(),
+            store: self.store.clone(),
+            files: self.state.files.clone(),
+            publisher: self.state.publisher.clone(),
+            comfy: comfyfleet::worker::comfy::ComfyClient::new(&sim.url()).unwrap(),
+            settings: test_worker_settings(),
+        };
+        let id = worker.id;
+        let stop = CancellationToken::new();
+        let run = worker.run(stop.clone());
+        let task = tokio::spawn(async move {
+            run.await.expect("worker runs");
+        });
+        TestWorker {
+            id,
+            sim,
+            task,
+            stop,
+        }
+    }
+
+    /// Creates a job through the cloud API; returns its JSON.
+    pub async fn create_job(&self, key: &str, body: serde_json::Value) -> serde_json::Value {
+        let resp = self
+            .http
+            .post(self.url("/developer/api/v1/jobs"))
+            .header("X-API-Key", key)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 201, "create job");
+        resp.json().await.unwrap()
+    }
+
+    /// The job, after waiting (long poll) until it is finished or `secs` pass.
+    pub async fn wait_job(&self, key: &str, id: &str, secs: u64) -> serde_json::Value {
+        self.http
+            .get(self.url(&format!("/developer/api/v1/jobs/{id}?wait={secs}")))
+            .header("X-API-Key", key)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    pub async fn job(&self, key: &str, id: &str) -> serde_json::Value {
+        self.wait_job(key, id, 0).await
+    }
+
+    /// Event types recorded for one job, in order.
+    pub async fn job_event_types(&self, tenant: &TestTenant, id: &str) -> Vec<String> {
+        let job: comfyfleet::domain::ids::JobId = id.parse().unwrap();
+        let events = self
+            .store
+            .list_events(
+                tenant.id,
+                &comfyfleet::store::events::EventQuery {
+                    since: Some(0),
+                    kind: None,
+                    job: Some(job),
+                    limit: 1000,
+                },
+            )
+            .await
+            .unwrap();
+        events.into_iter().map(|e| e.kind).collect()
+    }
+}
