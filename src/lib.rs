@@ -11,7 +11,7 @@
 //! - [`hub`]        per-pod connection registry: one bus feed per tenant → N bounded, coalescing outboxes.
 //! - [`store`]      all SQL; tenant-owned queries take the tenant id first.
 //! - [`files`]      object storage, tenant-scoped keys, upload limits, signed links, safe URL inputs.
-//! - [`http`]       poem-openapi surfaces, problem+json errors, the credential middleware.
+//! - [`http`]       poem-openapi surfaces, the WebSocket/SSE streams (rendered once per pod), problem+json errors, the credential middleware.
 //! - [`commands`]   what each CLI subcommand does.
 //! - [`dev`]        `comfyfleet dev`: the whole thing on a laptop, zero configuration.
 //! - [`sim`]        `comfyfleet sim`: a ComfyUI-protocol server that simulates execution, usable in-process.

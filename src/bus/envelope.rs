@@ -398,6 +398,8 @@ pub fn now_micros() -> u64 {
 pub enum Dialect {
     /// Seed 000: `WS /api/run/ws`.
     SessionStream,
+    /// Seed 000 with `?preview_meta=1`: the JSON text frame announcing a preview.
+    SessionPreviewMeta,
     /// Seed 002: `WS /developer/api/v1/ws`.
     CloudWs,
     /// Seed 001: ComfyUI `/ws` for sockets without preview metadata.
@@ -409,9 +411,10 @@ pub enum Dialect {
 }
 
 impl Dialect {
-    pub const COUNT: usize = 5;
+    pub const COUNT: usize = 6;
     pub const ALL: [Dialect; Self::COUNT] = [
         Self::SessionStream,
+        Self::SessionPreviewMeta,
         Self::CloudWs,
         Self::ComfyWs,
         Self::ComfyWsMeta,
@@ -456,13 +459,20 @@ struct SharedInner {
     envelope: Envelope,
     /// `None` inside means "this dialect does not show this envelope", cached too.
     rendered: [OnceLock<Option<Frame>>; Dialect::COUNT],
+    /// The cache of renderers that must await something (a store read), allocated
+    /// on first use so envelopes no such dialect looks at stay small. A dialect uses
+    /// either this cache or `rendered`, never both.
+    rendered_async: OnceLock<Box<AsyncCache>>,
 }
+
+type AsyncCache = [tokio::sync::OnceCell<Option<Frame>>; Dialect::COUNT];
 
 impl SharedEnvelope {
     pub fn new(envelope: Envelope) -> Self {
         Self(Arc::new(SharedInner {
             envelope,
             rendered: Default::default(),
+            rendered_async: OnceLock::new(),
         }))
     }
 
@@ -479,6 +489,23 @@ impl SharedEnvelope {
     ) -> Option<Frame> {
         self.0.rendered[dialect as usize]
             .get_or_init(|| render(&self.0.envelope))
+            .clone()
+    }
+
+    /// Like [`SharedEnvelope::rendered`] for a renderer that awaits (e.g. reads the
+    /// job's outputs from the store): one connection renders, the others of the pod
+    /// wait for its result instead of repeating the read. `render` gets a handle on
+    /// the envelope (so its future may own it); if the rendering connection goes
+    /// away mid-way, the next one renders.
+    pub async fn rendered_async<F, Fut>(&self, dialect: Dialect, render: F) -> Option<Frame>
+    where
+        F: FnOnce(SharedEnvelope) -> Fut,
+        Fut: std::future::Future<Output = Option<Frame>>,
+    {
+        let cache = self.0.rendered_async.get_or_init(Default::default);
+        cache[dialect as usize]
+            .get_or_init(|| render(self.clone()))
+            .await
             .clone()
     }
 

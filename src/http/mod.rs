@@ -4,16 +4,21 @@
 pub mod admin;
 pub mod auth;
 pub mod cloud;
+pub mod cloud_ws;
 pub mod health;
 pub mod inputs;
 pub mod keys;
 pub mod problem;
+pub mod render;
 pub mod runner;
 pub mod runner_types;
 pub mod security;
+pub mod session_ws;
+pub mod sse;
 pub mod uploads;
 pub mod users;
 pub mod views;
+pub mod ws;
 
 use std::time::Duration;
 
@@ -168,6 +173,7 @@ pub type Apis = (
     cloud::CloudApi,
     inputs::InputsApi,
     admin::AdminApi,
+    sse::SseApi,
 );
 
 /// The OpenAPI service: the operations and their spec. Needs no state, so
@@ -183,6 +189,7 @@ pub fn api_service() -> OpenApiService<Apis, ()> {
             cloud::CloudApi,
             inputs::InputsApi,
             admin::AdminApi,
+            sse::SseApi,
         ),
         "comfyfleet",
         env!("CARGO_PKG_VERSION"),
@@ -200,6 +207,8 @@ pub fn app(state: AppState) -> impl Endpoint {
     let spec = api.spec_endpoint();
     Route::new()
         .at("/files/*path", poem::get(uploads::serve_signed))
+        .at("/api/run/ws", poem::get(session_ws::session_ws))
+        .at("/developer/api/v1/ws", poem::get(cloud_ws::cloud_ws))
         .nest("/", api)
         .nest("/docs", docs)
         .at("/openapi.json", spec)

@@ -143,6 +143,26 @@ fn query_api_key(req: &Request) -> Option<String> {
         .map(|(_, v)| v.into_owned())
 }
 
+/// What the middleware concluded about a request, for plain poem handlers (the
+/// WebSocket upgrades) that cannot take a security scheme as a parameter.
+#[derive(Clone, Debug)]
+pub enum StreamCredential {
+    Accepted(Principal, CredentialForm),
+    /// A credential was presented and refused; the reason is safe to show.
+    Refused(String),
+    Missing,
+}
+
+/// The request's credential as resolved by [`resolve_credentials`]. Every form is
+/// accepted here (header, Bearer, cookie, `?api_key=`): callers are streams.
+pub fn stream_credential(req: &Request) -> StreamCredential {
+    match req.extensions().get::<Resolution>() {
+        Some(Resolution::Accepted(p, form)) => StreamCredential::Accepted(p.clone(), *form),
+        Some(Resolution::Refused(reason)) => StreamCredential::Refused(reason.clone()),
+        None => StreamCredential::Missing,
+    }
+}
+
 fn accepted(req: &Request, form: CredentialForm) -> Option<Principal> {
     match req.extensions().get::<Resolution>() {
         Some(Resolution::Accepted(p, f)) if *f == form => Some(p.clone()),

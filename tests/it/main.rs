@@ -14,5 +14,6 @@ mod runner;
 mod sim;
 mod sim_replay;
 mod sim_support;
+mod streams;
 mod uploads;
 mod worker;

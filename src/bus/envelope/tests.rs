@@ -193,3 +193,39 @@ fn renders_once_per_dialect_and_shares_bytes() {
             .is_none()
     );
 }
+
+#[tokio::test]
+async fn an_awaiting_renderer_runs_once_while_others_wait_for_it() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    let shared = SharedEnvelope::new(sample());
+    let calls = Arc::new(AtomicUsize::new(0));
+    let (release, gate) = tokio::sync::watch::channel(false);
+    let mut waiting = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        let (shared, calls, mut gate) = (shared.clone(), calls.clone(), gate.clone());
+        waiting.spawn(async move {
+            shared
+                .rendered_async(Dialect::CloudWs, |env| async move {
+                    calls.fetch_add(1, Ordering::SeqCst);
+                    // Hold the render open until every task is queued behind it.
+                    let _ = gate.wait_for(|open| *open).await;
+                    Some(Frame::text(format!("{}", env.id)))
+                })
+                .await
+        });
+    }
+    tokio::task::yield_now().await;
+    release.send_replace(true);
+    let mut frames = Vec::new();
+    while let Some(frame) = waiting.join_next().await {
+        frames.push(frame.unwrap().unwrap());
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    assert!(
+        frames
+            .windows(2)
+            .all(|w| w[0].bytes().as_ptr() == w[1].bytes().as_ptr())
+    );
+}

@@ -93,6 +93,8 @@ pub struct TestApp {
     pub store: Store,
     pub state: AppState,
     pub http: reqwest::Client,
+    /// The Redis channel prefix, shared by peers started with [`TestApp::spawn_peer`].
+    pub redis_prefix: String,
     shutdown: CancellationToken,
 }
 
@@ -130,6 +132,7 @@ pub async fn spawn_app_with(
     let mut args = api_args(&db, files_dir.path());
     args.public_url = Some(format!("http://{addr}"));
     adjust_args(&mut args);
+    let redis_prefix = args.redis_prefix.clone().unwrap_or_default();
     let config = args.resolve().expect("test config is valid");
     let shutdown = CancellationToken::new();
     let tasks = tokio_util::task::TaskTracker::new();
@@ -149,7 +152,52 @@ pub async fn spawn_app_with(
             .timeout(Duration::from_secs(30))
             .build()
             .unwrap(),
+        redis_prefix,
         shutdown,
+    }
+}
+
+/// A second API pod over the same database, object store and Redis prefix as a
+/// [`TestApp`]: what a client connected to another pod behind the load balancer sees.
+pub struct TestPeer {
+    pub addr: SocketAddr,
+    pub base: String,
+    pub state: AppState,
+    shutdown: CancellationToken,
+}
+
+impl Drop for TestPeer {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+impl TestPeer {
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+}
+
+impl TestApp {
+    pub async fn spawn_peer(&self) -> TestPeer {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut args = api_args(&self.db, self.files_dir.path());
+        args.redis_prefix = Some(self.redis_prefix.clone());
+        args.public_url = Some(format!("http://{addr}"));
+        let config = args.resolve().expect("test config is valid");
+        let shutdown = CancellationToken::new();
+        let tasks = tokio_util::task::TaskTracker::new();
+        let state = comfyfleet::commands::api_state(&config, &shutdown, &tasks)
+            .await
+            .expect("peer api state");
+        tokio::spawn(http::serve(listener, state.clone(), shutdown.clone()));
+        TestPeer {
+            addr,
+            base: format!("http://{addr}"),
+            state,
+            shutdown,
+        }
     }
 }
 

@@ -1,0 +1,255 @@
+//! WebSocket plumbing shared by the stream dialects (`session_ws`, `cloud_ws`): the
+//! upgrade, the socket settings, and closing with a code.
+//!
+//! The upgrade is done here over poem's raw [`Upgraded`](poem::Upgraded) connection
+//! rather than with `poem::web::websocket::WebSocket`, because poem's `Message`
+//! carries `Vec<u8>`/`String`: every send would copy the shared rendered bytes (a
+//! 200 KB preview, once per connection) before tungstenite copies them again into
+//! its write buffer. tungstenite's own `Message` takes `Bytes`, so a frame rendered
+//! once per pod goes to every socket as a reference-counted handle.
+
+use std::future::Future;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use poem::http::{HeaderMap, HeaderName, Method, StatusCode, header};
+use poem::{Request, Response};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
+
+use super::problem::Problem;
+use crate::bus::Frame;
+
+/// A server-side socket over poem's upgraded connection.
+pub type Socket = WebSocketStream<poem::Upgraded>;
+
+/// Read buffer per socket. tungstenite allocates it eagerly and defaults to 128 KiB
+/// (DESIGN §9: 10,000 idle clients would cost 1.3 GB); clients of these streams
+/// send a few small control messages at most.
+pub const READ_BUFFER_BYTES: usize = 4 * 1024;
+/// Largest client message the dialects accept; a bigger one is answered with close
+/// code [`CLOSE_TOO_BIG`] after it has been read whole, so the close handshake
+/// stays clean.
+pub const MAX_CLIENT_MESSAGE: usize = 64 * 1024;
+/// Hard transport limit: tungstenite stops reading past it (the socket is then
+/// dropped without a clean close). Well above [`MAX_CLIENT_MESSAGE`] so that the
+/// application check, which can close politely, is the one clients normally meet.
+const TRANSPORT_MAX_MESSAGE: usize = 1024 * 1024;
+/// How long a close waits for the client's closing handshake before dropping it.
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
+
+/// Close code: the client sent a message larger than [`MAX_CLIENT_MESSAGE`].
+pub const CLOSE_TOO_BIG: u16 = 1009;
+/// Close code: the client sent a binary frame to a text-only protocol.
+pub const CLOSE_UNSUPPORTED_DATA: u16 = 1003;
+/// Close code: the client broke the protocol's rules (message flood, bad query).
+pub const CLOSE_POLICY: u16 = 1008;
+/// Close code: the server could not read the event log to replay; reconnect and
+/// resume with the last event id received.
+pub const CLOSE_INTERNAL: u16 = 1011;
+/// Close code: the credential is missing or was refused.
+pub const CLOSE_UNAUTHENTICATED: u16 = 4001;
+/// Close code: a cookie-authenticated upgrade came from a foreign `Origin`.
+pub const CLOSE_FORBIDDEN_ORIGIN: u16 = 4003;
+
+fn config() -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(READ_BUFFER_BYTES)
+        .max_message_size(Some(TRANSPORT_MAX_MESSAGE))
+        .max_frame_size(Some(TRANSPORT_MAX_MESSAGE))
+}
+
+fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// Answers a WebSocket handshake with 101 and runs `run` on the socket once the
+/// connection is upgraded; anything else is answered 426 (problem+json).
+///
+/// The connection task is spawned on the runtime: it ends when the client leaves or
+/// when the hub closes its connection at shutdown ([`crate::hub::CloseReason`]).
+pub fn upgrade<F, Fut>(req: &Request, run: F) -> Response
+where
+    F: FnOnce(Socket) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let headers = req.headers();
+    let key = headers.get(header::SEC_WEBSOCKET_KEY);
+    let valid = req.method() == Method::GET
+        && has_token(headers, header::UPGRADE, "websocket")
+        && has_token(headers, header::CONNECTION, "upgrade")
+        && headers
+            .get(header::SEC_WEBSOCKET_VERSION)
+            .is_some_and(|v| v == "13");
+    let (Some(key), true) = (key, valid) else {
+        return Problem::new(
+            StatusCode::UPGRADE_REQUIRED,
+            "websocket_required",
+            "this endpoint speaks WebSocket (RFC 6455, version 13) only",
+        )
+        .into_poem_response();
+    };
+    let Ok(on_upgrade) = req.take_upgrade() else {
+        return Problem::new(
+            StatusCode::BAD_REQUEST,
+            "websocket_required",
+            "this connection cannot be upgraded",
+        )
+        .into_poem_response();
+    };
+    let accept = derive_accept_key(key.as_bytes());
+    tokio::spawn(async move {
+        let Ok(upgraded) = on_upgrade.await else {
+            return;
+        };
+        let socket = WebSocketStream::from_raw_socket(upgraded, Role::Server, Some(config())).await;
+        run(socket).await;
+    });
+    Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(header::CONNECTION, "upgrade")
+        .header(header::UPGRADE, "websocket")
+        .header(header::SEC_WEBSOCKET_ACCEPT, accept)
+        .finish()
+}
+
+/// The socket message for a rendered frame: shares the frame's bytes.
+pub fn message(frame: Frame) -> Option<Message> {
+    match frame {
+        Frame::Text(bytes) => match Utf8Bytes::try_from(bytes) {
+            Ok(text) => Some(Message::Text(text)),
+            Err(_) => {
+                tracing::error!("a rendered text frame is not UTF-8; dropped");
+                None
+            }
+        },
+        Frame::Binary(bytes) => Some(Message::Binary(bytes)),
+    }
+}
+
+/// A text message from a string built for one connection (replies, replays).
+pub fn text(s: String) -> Message {
+    Message::Text(Utf8Bytes::from(s))
+}
+
+/// Sends a close frame and waits briefly for the client's reply, so the client sees
+/// the code rather than a reset. `reason` must stay under 123 bytes.
+pub async fn close(socket: &mut Socket, code: u16, reason: &str) {
+    let frame = CloseFrame {
+        code: CloseCode::from(code),
+        reason: Utf8Bytes::from(reason),
+    };
+    if socket.send(Message::Close(Some(frame))).await.is_err() {
+        return;
+    }
+    let _ = tokio::time::timeout(CLOSE_GRACE, async {
+        while let Some(Ok(_)) = socket.next().await {}
+    })
+    .await;
+}
+
+/// What a dialect should do with a message from its client.
+pub enum Incoming {
+    /// A text message within the size limit.
+    Text(Utf8Bytes),
+    /// Nothing to do (ping/pong are answered by tungstenite).
+    Ignore,
+    /// The client closed or the connection failed.
+    Gone,
+    /// Close with this code and reason.
+    Refuse(u16, &'static str),
+}
+
+/// Classifies what the socket read. Both dialects speak text only: a binary
+/// message is refused with [`CLOSE_UNSUPPORTED_DATA`].
+pub fn classify(read: Option<Result<Message, tokio_tungstenite::tungstenite::Error>>) -> Incoming {
+    use tokio_tungstenite::tungstenite::Error;
+    match read {
+        None | Some(Err(Error::ConnectionClosed | Error::AlreadyClosed)) => Incoming::Gone,
+        Some(Err(Error::Capacity(_))) => Incoming::Refuse(CLOSE_TOO_BIG, "message too big"),
+        Some(Err(_)) => Incoming::Gone,
+        Some(Ok(Message::Close(_))) => Incoming::Gone,
+        Some(Ok(Message::Text(t))) if t.len() > MAX_CLIENT_MESSAGE => {
+            Incoming::Refuse(CLOSE_TOO_BIG, "message too big (64 KiB at most)")
+        }
+        Some(Ok(Message::Text(t))) => Incoming::Text(t),
+        Some(Ok(Message::Binary(b))) if b.len() > MAX_CLIENT_MESSAGE => {
+            Incoming::Refuse(CLOSE_TOO_BIG, "message too big (64 KiB at most)")
+        }
+        Some(Ok(Message::Binary(_))) => {
+            Incoming::Refuse(CLOSE_UNSUPPORTED_DATA, "binary messages are not accepted")
+        }
+        Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => Incoming::Ignore,
+    }
+}
+
+/// Whether the `Origin` of a browser request names this server: the request's own
+/// `Host`, or the host of the public URL. A missing `Origin` (non-browser clients)
+/// passes; browsers always send one on a WebSocket handshake.
+pub fn same_origin(req: &Request, public_url: &url::Url) -> bool {
+    let Some(origin) = req.headers().get(header::ORIGIN) else {
+        return true;
+    };
+    let Some(origin) = origin.to_str().ok().and_then(|o| url::Url::parse(o).ok()) else {
+        return false;
+    };
+    let Some(origin_host) = origin.host_str() else {
+        return false;
+    };
+    let origin_authority = match origin.port() {
+        Some(port) => format!("{origin_host}:{port}"),
+        None => origin_host.to_owned(),
+    };
+    let host_header = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok());
+    if host_header.is_some_and(|h| h.eq_ignore_ascii_case(&origin_authority)) {
+        return true;
+    }
+    public_url.origin() == origin.origin()
+}
+
+/// A token bucket over client messages, refilled by elapsed time when a message
+/// arrives: no timer per connection.
+#[derive(Debug)]
+pub struct RateLimit {
+    tokens: f64,
+    burst: f64,
+    per_second: f64,
+    last: tokio::time::Instant,
+}
+
+impl RateLimit {
+    pub fn new(burst: u32, per_second: u32) -> Self {
+        Self {
+            tokens: f64::from(burst),
+            burst: f64::from(burst),
+            per_second: f64::from(per_second),
+            last: tokio::time::Instant::now(),
+        }
+    }
+
+    /// Takes a token for one message; false when the client is flooding.
+    pub fn allow(&mut self) -> bool {
+        let now = tokio::time::Instant::now();
+        let refill = now.duration_since(self.last).as_secs_f64() * self.per_second;
+        self.tokens = (self.tokens + refill).min(self.burst);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
