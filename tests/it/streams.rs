@@ -1057,3 +1057,155 @@ async fn streams_reach_clients_on_another_pod() {
     assert_eq!(sse_reader.snapshot().await.1["status"], "cancelled");
     assert!(matches!(sse_reader.next().await, Sse::End));
 }
+
+/// Issue 6's "done when": a real job, run by a worker on a simulated ComfyUI, is
+/// watched through three pods at once — session stream, cloud socket, SSE — from
+/// queued to completed with its previews and outputs; the cloud client drops off
+/// halfway and, resuming with `since`, misses nothing durable and sees nothing twice.
+#[tokio::test]
+async fn streams_three_clients_on_three_pods_follow_a_real_job() {
+    let pod_a = spawn_app().await;
+    let pod_b = pod_a.spawn_peer().await;
+    let pod_c = pod_a.spawn_peer().await;
+    let t = pod_a.tenant("acme").await;
+
+    let mut session = session(&pod_b.base, &t.admin_key, "preview_meta=1").await;
+    let mut cloud = cloud_connect(&pod_c.base, &t.admin_key).await;
+    subscribe(&mut cloud, &["job.*"]).await;
+
+    // Submitted on pod A while no worker runs, so every client sees it queued.
+    let job: Value = pod_a
+        .create_job(
+            &t.admin_key,
+            json!({"workflow_id": "sdxl-txt2img", "params": {"steps": 12, "width": 512, "height": 512}}),
+        )
+        .await;
+    let id = job["id"].as_str().unwrap().to_string();
+    let resp = pod_a
+        .http
+        .get(pod_b.url(&format!("/v1/workflow/{id}/subscribe")))
+        .header("authorization", format!("Bearer {}", t.admin_key))
+        .send()
+        .await
+        .unwrap();
+    let mut sse_reader = SseReader::new(resp);
+    assert_eq!(sse_reader.snapshot().await.1["status"], "queued");
+
+    // The cloud client sees the job queued, then leaves before it runs.
+    let mut cloud_seen: Vec<i64> = Vec::new();
+    loop {
+        let msg = next_json(&mut cloud).await;
+        if msg["type"] == "event" && msg["data"]["payload"]["id"] == id.as_str() {
+            cloud_seen.push(event_num(&msg));
+            if msg["data"]["event"] == "job.queued" {
+                break;
+            }
+        }
+    }
+    drop(cloud);
+
+    let _worker = pod_a
+        .start_worker(comfyfleet::sim::SimConfig {
+            step_time: Duration::from_millis(40),
+            ..Default::default()
+        })
+        .await;
+
+    // Session stream on pod B: progress, previews (each announced), completion.
+    let (mut previews, mut progress, mut session_events) = (0, 0, Vec::new());
+    let mut announced = false;
+    let mut completed = false;
+    while !completed {
+        match next_message(&mut session).await {
+            Message::Text(text) => {
+                let v: Value = serde_json::from_str(text.as_str()).unwrap();
+                if v["type"] == "preview" {
+                    assert_eq!(v["prompt_id"], id.as_str());
+                    announced = true;
+                } else if v.get("prompt_id").is_some() && v.get("percent").is_some() {
+                    progress += 1;
+                } else if v["data"]["prompt_id"] == id.as_str() {
+                    session_events.push(v["type"].as_str().unwrap().to_string());
+                    completed = v["type"] == "job.completed";
+                }
+            }
+            Message::Binary(bytes) => {
+                assert!(announced, "a preview_meta frame precedes each preview");
+                assert_eq!(&bytes[..2], &[0xff, 0xd8], "raw JPEG");
+                previews += 1;
+                announced = false;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(
+        previews >= 1 && progress >= 1,
+        "previews {previews}, progress {progress}"
+    );
+    assert_eq!(
+        session_events,
+        ["job.accepted", "job.queued", "job.started", "job.completed"]
+    );
+
+    // SSE on pod B: running, then the completed snapshot with a working link, then end.
+    let mut statuses = Vec::new();
+    let last = loop {
+        match sse_reader.next().await {
+            Sse::Data { data, .. } => {
+                statuses.push(data["status"].as_str().unwrap().to_string());
+                if data["status"] == "completed" {
+                    break data;
+                }
+            }
+            Sse::Comment => {}
+            Sse::End => panic!("ended before completion: {statuses:?}"),
+        }
+    };
+    assert!(statuses.contains(&"running".to_string()), "{statuses:?}");
+    let src = last["outputs"][0]["src"].as_str().unwrap();
+    let png = reqwest::get(src).await.unwrap().bytes().await.unwrap();
+    assert_eq!(&png[..4], b"\x89PNG");
+    assert!(matches!(sse_reader.next().await, Sse::End));
+
+    // The cloud client comes back on pod C and resumes after the last id it saw.
+    let mut cloud = cloud_connect(&pod_c.base, &t.admin_key).await;
+    let since = *cloud_seen.last().unwrap();
+    send_json(
+        &mut cloud,
+        json!({"type": "subscribe", "data": {"events": ["job.*"], "since": format!("evt_{since}")}}),
+    )
+    .await;
+    loop {
+        let msg = next_json(&mut cloud).await;
+        if msg["type"] == "event"
+            && msg["data"]["payload"]["id"] == id.as_str()
+            && msg["data"]["event"] != "job.progress"
+        {
+            cloud_seen.push(event_num(&msg));
+            if msg["data"]["event"] == "job.completed" {
+                assert!(
+                    msg["data"]["payload"]["outputs"][0]["download_url"].is_string(),
+                    "{msg}"
+                );
+                break;
+            }
+        }
+    }
+    let log: Vec<i64> = pod_a
+        .store
+        .list_events(
+            t.id,
+            &comfyfleet::store::events::EventQuery {
+                since: Some(0),
+                kind: None,
+                job: Some(id.parse().unwrap()),
+                limit: 100,
+            },
+        )
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.id)
+        .collect();
+    assert_eq!(cloud_seen, log, "every durable event once, in order");
+}
