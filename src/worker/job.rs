@@ -264,6 +264,12 @@ async fn execute(
                     }
                     ComfyMessage::Success { prompt_id: p } if p == prompt_id => {
                         succeeded = true;
+                        // Every node is done now; publish that final state at once
+                        // (the throttle may be holding it back) so watchers see it
+                        // before the completion event.
+                        tracker.executing(None, at());
+                        publish_progress(worker, job, &tracker, at()).await;
+                        dirty = false;
                     }
                     ComfyMessage::Error { prompt_id: p, node_type, exception_type, exception_message, .. } if p == prompt_id => {
                         return Outcome::Failed(cause(&exception_type, exception_message, node_type));

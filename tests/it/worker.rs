@@ -377,6 +377,13 @@ async fn progress_counts_cached_nodes_and_previews_travel_raw() {
         "{last}"
     );
     assert!(last["eta_seconds"].is_u64());
+    // Throttling never loses the end: the last state has every node done.
+    let final_state = states.last().unwrap();
+    assert_eq!(
+        final_state["nodes_done"], final_state["effective_total"],
+        "{final_state}"
+    );
+    assert_eq!(final_state["percent"], 99);
     let percents: Vec<u64> = states
         .iter()
         .map(|s| s["percent"].as_u64().unwrap())
