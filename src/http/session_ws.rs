@@ -94,6 +94,16 @@ pub async fn session_ws(req: &Request) -> Response {
     let credential = stream_credential(req);
     let origin_ok = ws::same_origin(req, &state.public_url);
     let query = parse_query(req.uri().query());
+    // Attach before the 101 goes out: the seed's stream has no welcome message, so
+    // a client may act as soon as it is connected, and what it causes must reach it.
+    let attached = match (&credential, &query) {
+        (StreamCredential::Accepted(principal, form), Ok(query))
+            if origin_ok || *form != CredentialForm::Cookie =>
+        {
+            Some(attach(&state, principal.tenant_id, query).await)
+        }
+        _ => None,
+    };
     ws::upgrade(req, move |socket| async move {
         let mut socket = socket;
         let tenant = match credential {
@@ -115,7 +125,13 @@ pub async fn session_ws(req: &Request) -> Response {
             Ok(query) => query,
             Err(reason) => return ws::close(&mut socket, ws::CLOSE_POLICY, &reason).await,
         };
-        serve(state, tenant, query, socket).await;
+        match attached {
+            Some(Ok((conn, baseline))) => serve(state, tenant, query, conn, baseline, socket).await,
+            Some(Err(Stop::Close(code, reason))) => ws::close(&mut socket, code, &reason).await,
+            Some(Err(Stop::Gone)) => {}
+            // Unreachable: every refusal above returned already.
+            None => ws::close(&mut socket, ws::CLOSE_INTERNAL, "not attached").await,
+        }
     })
 }
 
@@ -138,9 +154,14 @@ struct Session {
     baseline: i64,
 }
 
-async fn serve(state: AppState, tenant: TenantId, query: SessionQuery, socket: Socket) {
-    let jobs = query.jobs.clone();
-    let filter_jobs = jobs.clone();
+/// Joins the tenant's live feed and fixes where a resync replays from. Runs before
+/// the upgrade completes, so nothing committed after the client connects is missed.
+async fn attach(
+    state: &AppState,
+    tenant: TenantId,
+    query: &SessionQuery,
+) -> Result<(Connection, i64), Stop> {
+    let filter_jobs = query.jobs.clone();
     let filter = Filter::new(move |env| {
         matches!(
             env.kind,
@@ -149,17 +170,34 @@ async fn serve(state: AppState, tenant: TenantId, query: SessionQuery, socket: S
             .as_ref()
             .is_none_or(|set| env.job.is_some_and(|job| set.contains(&job)))
     });
-    // Attach before reading the log or the snapshots: whatever commits from here on
-    // is queued for us, so the replay below leaves no gap.
+    // Attach before reading the log: whatever commits from here on is queued for
+    // us, so a replay from the baseline leaves no gap.
     let conn = state.hub.attach(tenant, filter).await;
+    let baseline = match query.since {
+        Some(since) => since,
+        None => render::newest_event_id(state, tenant, None)
+            .await
+            .map_err(|e| replay_failed(&e, None))?,
+    };
+    Ok((conn, baseline))
+}
+
+async fn serve(
+    state: AppState,
+    tenant: TenantId,
+    query: SessionQuery,
+    conn: Connection,
+    baseline: i64,
+    socket: Socket,
+) {
     let mut session = Session {
         state,
         tenant,
-        jobs,
+        jobs: query.jobs.clone(),
         preview_meta: query.preview_meta,
         socket,
         conn,
-        baseline: 0,
+        baseline,
     };
     let stop = match session.start(query.since).await {
         Ok(()) => session.run().await,
@@ -172,16 +210,8 @@ async fn serve(state: AppState, tenant: TenantId, query: SessionQuery, socket: S
 
 impl Session {
     async fn start(&mut self, since: Option<i64>) -> Result<(), Stop> {
-        match since {
-            Some(since) => {
-                self.baseline = since;
-                self.replay(since).await?;
-            }
-            None => {
-                self.baseline = render::newest_event_id(&self.state, self.tenant, None)
-                    .await
-                    .map_err(|e| replay_failed(&e, None))?;
-            }
+        if let Some(since) = since {
+            self.replay(since).await?;
         }
         self.send_snapshots().await
     }

@@ -1209,3 +1209,18 @@ async fn streams_three_clients_on_three_pods_follow_a_real_job() {
         .collect();
     assert_eq!(cloud_seen, log, "every durable event once, in order");
 }
+
+/// Without `since`, a session client is attached by the time its handshake ends:
+/// a job it creates right after connecting is announced to it.
+#[tokio::test]
+async fn streams_session_is_attached_when_the_handshake_ends() {
+    let app = spawn_app().await;
+    let t = app.tenant("acme").await;
+    for _ in 0..5 {
+        let mut ws = ws_connect(&app.base, "/api/run/ws", &[("x-api-key", &t.admin_key)]).await;
+        let job = create_job(&app, &t).await;
+        let first = next_json(&mut ws).await;
+        assert_eq!(first["type"], "job.accepted", "{first}");
+        assert_eq!(first["data"]["prompt_id"], job.to_string());
+    }
+}
