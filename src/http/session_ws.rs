@@ -328,10 +328,6 @@ impl Session {
 }
 
 fn replay_failed(e: &crate::store::StoreError, resume: Option<i64>) -> Stop {
-    tracing::error!(error = %e, "a stream could not read the event log");
-    let reason = match resume {
-        Some(id) => format!("event log unavailable; reconnect with since={id}"),
-        None => "event log unavailable; reconnect".to_owned(),
-    };
-    Stop::Close(ws::CLOSE_INTERNAL, reason)
+    let (code, reason) = ws::log_unavailable(e, resume, "reconnect with since");
+    Stop::Close(code, reason)
 }

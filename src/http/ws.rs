@@ -253,3 +253,19 @@ impl RateLimit {
         }
     }
 }
+
+/// The close for a stream whose event-log replay failed: logged, with a reason that
+/// tells the client how to resume (`hint` names the dialect's way, e.g.
+/// "reconnect with since").
+pub fn log_unavailable(
+    e: &crate::store::StoreError,
+    resume: Option<i64>,
+    hint: &str,
+) -> (u16, String) {
+    tracing::error!(error = %e, "a stream could not read the event log");
+    let reason = match resume {
+        Some(id) => format!("event log unavailable; {hint}={id}"),
+        None => "event log unavailable; reconnect".to_owned(),
+    };
+    (CLOSE_INTERNAL, reason)
+}

@@ -11,7 +11,7 @@ use uuid::Uuid;
 use super::events::{self, StoredEvent};
 use super::jobs::Job;
 use super::{Store, StoreError};
-use crate::domain::events::JobFacts;
+use crate::domain::events::{JobFacts, NewEvent};
 use crate::domain::ids::{JobId, OutputId, TenantId, WorkerId};
 use crate::domain::job::{FailureCause, JobStatus};
 
@@ -218,18 +218,10 @@ impl Store {
         id: JobId,
         cause: &FailureCause,
     ) -> Result<Option<(Job, Vec<StoredEvent>)>, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        if !lock_held(&mut tx, worker, tenant, id).await? {
-            return Ok(None);
-        }
-        let job = finish(&mut tx, tenant, id, JobStatus::Failed, Some(cause)).await?;
-        let facts = JobFacts {
-            id,
-            workflow_id: job.workflow_id.as_deref(),
-        };
-        let events = events::append(&mut tx, tenant, &[facts.failed(cause)]).await?;
-        tx.commit().await?;
-        Ok(Some((job, events)))
+        self.finish_held(worker, tenant, id, JobStatus::Failed, Some(cause), |f| {
+            f.failed(cause)
+        })
+        .await
     }
 
     /// Ends a running job this worker interrupted on request.
@@ -239,16 +231,33 @@ impl Store {
         tenant: TenantId,
         id: JobId,
     ) -> Result<Option<(Job, Vec<StoredEvent>)>, StoreError> {
+        self.finish_held(worker, tenant, id, JobStatus::Cancelled, None, |f| {
+            f.cancelled()
+        })
+        .await
+    }
+
+    /// Moves a held job to a terminal `status` with the event `event` describes, in
+    /// one transaction; `None` when the worker no longer held it.
+    async fn finish_held(
+        &self,
+        worker: WorkerId,
+        tenant: TenantId,
+        id: JobId,
+        status: JobStatus,
+        cause: Option<&FailureCause>,
+        event: impl FnOnce(&JobFacts) -> NewEvent,
+    ) -> Result<Option<(Job, Vec<StoredEvent>)>, StoreError> {
         let mut tx = self.pool.begin().await?;
         if !lock_held(&mut tx, worker, tenant, id).await? {
             return Ok(None);
         }
-        let job = finish(&mut tx, tenant, id, JobStatus::Cancelled, None).await?;
+        let job = finish(&mut tx, tenant, id, status, cause).await?;
         let facts = JobFacts {
             id,
             workflow_id: job.workflow_id.as_deref(),
         };
-        let events = events::append(&mut tx, tenant, &[facts.cancelled()]).await?;
+        let events = events::append(&mut tx, tenant, &[event(&facts)]).await?;
         tx.commit().await?;
         Ok(Some((job, events)))
     }
