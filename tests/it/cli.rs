@@ -159,8 +159,10 @@ async fn api_serves_and_stops_on_sigterm() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().port()
     };
+    let objects = tempfile::tempdir().unwrap();
     let mut child = tokio::process::Command::new(binary())
         .arg("api")
+        .env("COMFYFLEET_OBJECT_STORE", objects.path())
         .env("DATABASE_URL", &db.url)
         .env("COMFYFLEET_JWT_SECRET", JWT_SECRET)
         .env("COMFYFLEET_BIND", format!("127.0.0.1:{port}"))
@@ -210,8 +212,10 @@ async fn dev_creates_its_database_and_prints_working_credentials() {
     let mut url = url::Url::parse(&crate::support::admin_database_url()).unwrap();
     url.set_path(&db.name);
     let fixed_key = comfyfleet::auth::api_key::generate();
+    let objects = tempfile::tempdir().unwrap();
     let mut child = tokio::process::Command::new(binary())
         .args(["dev", "--bind", "127.0.0.1:0"])
+        .env("COMFYFLEET_OBJECT_STORE", objects.path())
         .env("DATABASE_URL", url.as_str())
         .env("COMFYFLEET_DEV_API_KEY", fixed_key.expose())
         .env_remove("COMFYFLEET_JWT_SECRET")
