@@ -9,6 +9,10 @@
 //! Request bodies are read as JSON whatever their Content-Type, like aiohttp's
 //! `request.json()`: ComfyUI clients often post JSON as `text/plain`.
 //!
+//! `POST /prompt` checks the graph against the fleet's node catalogue (the union of
+//! the fresh workers' `/object_info`) before queueing it, so a typo gets ComfyUI's own
+//! 400 at once; with no worker online only the structural checks apply.
+//!
 //! Everything is scoped to the caller's tenant: a prompt is a job, its `prompt_id` is
 //! the job id, and history, queue and files only ever show the tenant's own.
 //!
@@ -40,6 +44,7 @@ use super::uploads::file_response;
 use crate::domain::graph::ApiGraph;
 use crate::domain::ids::{JobId, TenantId};
 use crate::domain::job::JobStatus;
+use crate::domain::node_catalogue::NodeCatalogue;
 use crate::files::{ObjectKey, SafeFilename, SafeSubfolder, read_limited, sniff_image};
 use crate::jobs::{SubmitError, SubmitOptions, WorkSpec};
 use crate::store::inputs::{InputStatus, StoredFile};
@@ -257,6 +262,14 @@ async fn post_prompt(req: &Request, body: Bytes) -> Response {
         extra_data.remove(key);
     }
 
+    // Validation at the door: a typo is answered with ComfyUI's own 400 now, not
+    // after the prompt waited for a worker. Without a worker online the job service's
+    // structural checks are all there is.
+    let node_errors = match door_check(&state, &prompt).await {
+        Ok(report) => report,
+        Err(resp) => return resp,
+    };
+
     let options = SubmitOptions {
         client_id,
         priority: if front { FRONT_PRIORITY } else { 0 },
@@ -275,10 +288,47 @@ async fn post_prompt(req: &Request, body: Bytes) -> Response {
             json_response(&json!({
                 "prompt_id": accepted.job.id.to_string(),
                 "number": number,
-                "node_errors": {},
+                "node_errors": node_errors,
             }))
         }
         Err(e) => submit_error(e),
+    }
+}
+
+/// Checks a prompt against the fleet's node catalogue as ComfyUI would. Returns the
+/// `node_errors` of a partly valid prompt (ComfyUI runs its valid outputs and reports
+/// the rest with a 200), or the 400 of an invalid one.
+async fn door_check(state: &AppState, prompt: &Value) -> Result<Value, Response> {
+    // A prompt that is not a graph is left to the job service, which says why.
+    let Ok(graph) = serde_json::from_value::<ApiGraph>(prompt.clone()) else {
+        return Ok(json!({}));
+    };
+    let classes: Vec<String> = graph
+        .class_types()
+        .into_iter()
+        .map(str::to_string)
+        .collect();
+    let schemas = match state
+        .store
+        .fleet_node_schemas(FRESH_WORKER_SECS, &classes)
+        .await
+    {
+        Ok(Some(schemas)) => schemas,
+        Ok(None) => return Ok(json!({})),
+        Err(e) => return Err(internal(e)),
+    };
+    let mut union = Map::new();
+    for (class, schema) in schemas {
+        union.entry(class).or_insert(schema);
+    }
+    let catalogue: NodeCatalogue =
+        serde_json::from_value(Value::Object(union)).map_err(internal)?;
+    match graph.validate_against(&catalogue) {
+        Ok(report) => Ok(json!(report.node_errors)),
+        Err(rejected) => Err(Response::builder()
+            .status(StatusCode::BAD_REQUEST)
+            .content_type("application/json; charset=utf-8")
+            .body(rejected.to_json().to_string())),
     }
 }
 
@@ -755,12 +805,17 @@ async fn object_info(req: &Request) -> Response {
 #[handler]
 async fn object_info_class(req: &Request, Path(class): Path<String>) -> Response {
     let (state, _) = caller_or_return!(req);
-    match fleet_object_info(&state).await {
-        Ok(mut union) => match union.remove(&class) {
-            Some(schema) => json_response(&json!({ class: schema })),
+    let classes = [class.clone()];
+    match state
+        .store
+        .fleet_node_schemas(FRESH_WORKER_SECS, &classes)
+        .await
+    {
+        Ok(schemas) => match schemas.and_then(|s| s.into_iter().next()) {
+            Some((_, schema)) => json_response(&json!({ class: schema })),
             None => json_response(&json!({})),
         },
-        Err(resp) => resp,
+        Err(e) => internal(e),
     }
 }
 

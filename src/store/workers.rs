@@ -118,6 +118,35 @@ impl Store {
         Ok(rows.into_iter().map(|(v,)| v).collect())
     }
 
+    /// The schemas of `classes` in the fresh workers' `/object_info`, newest worker
+    /// first; `None` when no fresh worker has published one. Reads only the classes
+    /// asked for, so checking a prompt does not move whole catalogues.
+    pub async fn fleet_node_schemas(
+        &self,
+        fresh_secs: i64,
+        classes: &[String],
+    ) -> Result<Option<Vec<(String, serde_json::Value)>>, StoreError> {
+        let rows: Vec<(Option<String>, Option<serde_json::Value>)> = sqlx::query_as(
+            "SELECT e.key, e.value FROM workers w \
+             LEFT JOIN LATERAL jsonb_each(w.object_info) e ON e.key = ANY($2) \
+             WHERE w.status <> 'offline' AND w.object_info IS NOT NULL \
+               AND w.last_heartbeat_at > now() - make_interval(secs => $1) \
+             ORDER BY w.started_at DESC",
+        )
+        .bind(fresh_secs as f64)
+        .bind(classes)
+        .fetch_all(&self.pool)
+        .await?;
+        if rows.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(
+            rows.into_iter()
+                .filter_map(|(k, v)| Some((k?, v?)))
+                .collect(),
+        ))
+    }
+
     pub async fn worker_heartbeat(&self, id: WorkerId, status: &str) -> Result<(), StoreError> {
         sqlx::query("UPDATE workers SET last_heartbeat_at = now(), status = $2 WHERE id = $1")
             .bind(id.as_uuid())

@@ -402,3 +402,104 @@ async fn uploads_keep_the_clients_name_and_are_viewable_as_inputs() {
         .unwrap();
     assert_eq!(resp.status(), 400);
 }
+
+#[tokio::test]
+async fn invalid_prompts_are_refused_at_the_door_with_comfyuis_body() {
+    let app = spawn_app().await;
+    let t = app.tenant("acme").await;
+    let _w = app.start_worker(SimConfig::default()).await;
+    // The worker has registered its catalogue once a class is served.
+    eventually(20, || async {
+        let info = get_json(&app, &t.admin_key, "/object_info/EmptyImage").await;
+        info.get("EmptyImage").map(|_| ())
+    })
+    .await;
+
+    let mut unknown = invert_graph();
+    unknown["1"]["class_type"] = json!("NoSuchNode");
+    let mut missing = invert_graph();
+    missing["1"]["inputs"]
+        .as_object_mut()
+        .unwrap()
+        .remove("width");
+    let mut too_small = invert_graph();
+    too_small["1"]["inputs"]["width"] = json!(0);
+    let mut bad_link = invert_graph();
+    bad_link["2"]["inputs"]["image"] = json!(["99", 0]);
+    let cases = [
+        (unknown, "invalid_prompt", None),
+        (
+            missing,
+            "prompt_outputs_failed_validation",
+            Some(("1", "required_input_missing")),
+        ),
+        (
+            too_small,
+            "prompt_outputs_failed_validation",
+            Some(("1", "value_smaller_than_min")),
+        ),
+        (
+            bad_link,
+            "prompt_outputs_failed_validation",
+            Some(("2", "")),
+        ),
+    ];
+    for (graph, top, node) in cases {
+        let resp = post_plain(&app, &t.admin_key, "/prompt", &json!({"prompt": graph})).await;
+        assert_eq!(resp.status(), 400);
+        let body: Value = resp.json().await.unwrap();
+        assert_eq!(body["error"]["type"], top, "{body}");
+        match node {
+            None => assert_eq!(body["node_errors"], json!({}), "{body}"),
+            Some((id, kind)) => {
+                let errors = &body["node_errors"][id];
+                assert_eq!(errors["dependent_outputs"], json!(["3"]), "{body}");
+                if !kind.is_empty() {
+                    assert_eq!(errors["errors"][0]["type"], kind, "{body}");
+                }
+            }
+        }
+    }
+    // The missing-input body is ComfyUI's, field for field (fixture 05).
+    let mut missing = invert_graph();
+    missing["1"]["inputs"]
+        .as_object_mut()
+        .unwrap()
+        .remove("width");
+    let resp = post_plain(
+        &app,
+        &t.admin_key,
+        "/api/prompt",
+        &json!({"prompt": missing}),
+    )
+    .await;
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(
+        body,
+        json!({"error": {"type": "prompt_outputs_failed_validation", "message": "Prompt outputs failed validation", "details": "", "extra_info": {}},
+               "node_errors": {"1": {"errors": [{"type": "required_input_missing", "message": "Required input is missing", "details": "width", "extra_info": {"input_name": "width"}}],
+                                     "dependent_outputs": ["3"], "class_type": "EmptyImage"}}})
+    );
+
+    // Nothing was queued.
+    let prompt = get_json(&app, &t.admin_key, "/prompt").await;
+    assert_eq!(prompt["exec_info"]["queue_remaining"], 0);
+    let jobs = get_json(&app, &t.admin_key, "/developer/api/v1/jobs").await;
+    assert_eq!(jobs["jobs"].as_array().map(Vec::len), Some(0), "{jobs}");
+
+    // Partly valid: ComfyUI runs the valid output and reports the other with a 200.
+    let mut partial = invert_graph();
+    partial["4"] = json!({"class_type": "EmptyImage", "inputs": {"width": 0, "height": 8, "batch_size": 1, "color": 0}});
+    partial["5"] = json!({"class_type": "SaveImage", "inputs": {"images": ["4", 0], "filename_prefix": "broken"}});
+    let resp = post_plain(&app, &t.admin_key, "/prompt", &json!({"prompt": partial})).await;
+    assert_eq!(resp.status(), 200);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(
+        body["node_errors"]["4"]["errors"][0]["type"], "value_smaller_than_min",
+        "{body}"
+    );
+    assert_eq!(body["node_errors"]["4"]["dependent_outputs"], json!(["5"]));
+    let id = body["prompt_id"].as_str().unwrap();
+    let done = app.wait_job(&t.admin_key, id, 30).await;
+    assert_eq!(done["status"], "completed", "{done}");
+}
