@@ -76,7 +76,8 @@ pub fn routes(mut route: Route) -> Route {
             .at(at("/object_info"), get(object_info))
             .at(at("/object_info/:class"), get(object_info_class))
             .at(at("/system_stats"), get(system_stats))
-            .at(at("/features"), get(features));
+            .at(at("/features"), get(features))
+            .at(at("/ws"), get(comfy_ws));
     }
     route
 }
@@ -856,4 +857,178 @@ async fn features(req: &Request) -> Response {
         "supports_preview_metadata": true,
         "max_upload_size": state.max_upload.get(),
     }))
+}
+
+// ---- the socket --------------------------------------------------------------------
+
+/// `WS /ws?clientId=`: ComfyUI's socket, reduced to a prompt's lifecycle. On connect:
+/// `status` with `sid` (the given clientId, else a fresh hex id); a first client
+/// message `feature_flags` is answered with the server's. For the tenant's prompts
+/// posted with this `client_id`: `execution_start`, then at the end `executed` per
+/// output node, `execution_success` and `executing {node: null}` — or
+/// `execution_error` / `execution_interrupted`. Not yet sent: per-node `executing`,
+/// `progress`, `progress_state` and preview frames.
+#[handler]
+async fn comfy_ws(req: &Request, Query(q): Query<HashMap<String, String>>) -> Response {
+    let (state, tenant) = match caller(req) {
+        Ok(c) => c,
+        Err(resp) => {
+            // Refused before the upgrade: a ComfyUI client reports the status code.
+            return resp;
+        }
+    };
+    let sid = q
+        .get("clientId")
+        .filter(|c| !c.is_empty())
+        .cloned()
+        .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
+    super::ws::upgrade(req, move |socket| {
+        socket_session(state, tenant, sid, socket)
+    })
+}
+
+async fn socket_session(
+    state: AppState,
+    tenant: TenantId,
+    sid: String,
+    mut socket: super::ws::Socket,
+) {
+    use futures_util::{SinkExt, StreamExt};
+
+    use super::ws::{Incoming, classify, text};
+    use crate::bus::EnvelopeKind;
+    use crate::hub::{Filter, Next};
+
+    let conn = state
+        .hub
+        .attach(
+            tenant,
+            Filter::new(|e| {
+                e.kind == EnvelopeKind::Event
+                    && e.event_type().is_some_and(|t| {
+                        matches!(
+                            t,
+                            "job.started" | "job.completed" | "job.failed" | "job.cancelled"
+                        )
+                    })
+            }),
+        )
+        .await;
+    let remaining = state.store.active_jobs(tenant).await.map_or(0, |j| j.len());
+    let hello = json!({"type": "status", "data": {"status": {"exec_info": {"queue_remaining": remaining}}, "sid": sid}});
+    if socket.send(text(hello.to_string())).await.is_err() {
+        return;
+    }
+    let mut negotiated = false;
+    // Whether each job seen was posted by this socket's client.
+    let mut ours: HashMap<JobId, bool> = HashMap::new();
+    loop {
+        tokio::select! {
+            read = socket.next() => match classify(read) {
+                Incoming::Text(t) => {
+                    // Only a first `feature_flags` message is answered, as in ComfyUI.
+                    let first = !negotiated;
+                    negotiated = true;
+                    let is_flags = serde_json::from_str::<Value>(t.as_str())
+                        .ok()
+                        .is_some_and(|m| m["type"] == "feature_flags");
+                    if first && is_flags {
+                        let reply = json!({"type": "feature_flags", "data": {
+                            "supports_preview_metadata": true,
+                            "max_upload_size": state.max_upload.get()}});
+                        if socket.send(text(reply.to_string())).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+                Incoming::Ignore => {}
+                Incoming::Gone => return,
+                Incoming::Refuse(code, reason) => {
+                    super::ws::close(&mut socket, code, reason).await;
+                    return;
+                }
+            },
+            next = conn.next() => match next {
+                Next::Envelope(env) => {
+                    let (Some(id), Some(kind)) = (env.job, env.event_type()) else { continue };
+                    // Another client's prompt: known from its first event, no read.
+                    if ours.get(&id) == Some(&false) {
+                        if kind != "job.started" {
+                            ours.remove(&id);
+                        }
+                        continue;
+                    }
+                    let job = match state.store.get_job(tenant, id).await {
+                        Ok(Some(job)) => job,
+                        _ => continue,
+                    };
+                    let mine = *ours
+                        .entry(id)
+                        .or_insert_with(|| job.client_id.as_deref() == Some(sid.as_str()));
+                    if !mine {
+                        continue;
+                    }
+                    for message in lifecycle_messages(&state, kind, &job).await {
+                        if socket.send(text(message.to_string())).await.is_err() {
+                            return;
+                        }
+                    }
+                    if job.status.is_terminal() {
+                        ours.remove(&id);
+                    }
+                }
+                // A gap: lifecycle messages may have been lost; the client's
+                // `/history` poll is the fallback, as after a ComfyUI reconnect.
+                Next::Resync => {}
+                Next::Close(reason) => {
+                    super::ws::close(&mut socket, reason.code(), &reason.reason()).await;
+                    return;
+                }
+            },
+        }
+    }
+}
+
+/// The ComfyUI messages one job event becomes.
+async fn lifecycle_messages(state: &AppState, kind: &str, job: &Job) -> Vec<Value> {
+    let pid = job.id.to_string();
+    let now = Utc::now().timestamp_millis();
+    let msg = |t: &str, data: Value| json!({"type": t, "data": data});
+    match kind {
+        "job.started" => vec![msg(
+            "execution_start",
+            json!({"prompt_id": pid, "timestamp": now}),
+        )],
+        "job.completed" => {
+            let mut out = Vec::new();
+            if let Ok(entry) = history_entry(state, job).await
+                && let Some(nodes) = entry["outputs"].as_object()
+            {
+                for (node, output) in nodes {
+                    out.push(msg(
+                        "executed",
+                        json!({"node": node, "display_node": node, "output": output, "prompt_id": pid}),
+                    ));
+                }
+            }
+            out.push(msg(
+                "execution_success",
+                json!({"prompt_id": pid, "timestamp": now}),
+            ));
+            out.push(msg("executing", json!({"node": null, "prompt_id": pid})));
+            out
+        }
+        "job.failed" => vec![msg(
+            "execution_error",
+            json!({"prompt_id": pid, "timestamp": now, "node_id": null, "node_type": null,
+                   "executed": [], "exception_message": job.cause.as_ref().map(|c| format!("{c:?}")),
+                   "exception_type": "", "traceback": [], "current_inputs": {}, "current_outputs": {}}),
+        )],
+        // A prompt deleted from the queue never started: ComfyUI says nothing of it.
+        "job.cancelled" if job.started_at.is_some() => vec![msg(
+            "execution_interrupted",
+            json!({"prompt_id": pid, "timestamp": now, "node_id": null, "node_type": null, "executed": []}),
+        )],
+        _ => Vec::new(),
+    }
 }

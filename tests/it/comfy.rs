@@ -503,3 +503,115 @@ async fn invalid_prompts_are_refused_at_the_door_with_comfyuis_body() {
     let done = app.wait_job(&t.admin_key, id, 30).await;
     assert_eq!(done["status"], "completed", "{done}");
 }
+
+/// The next text message of a ComfyUI socket, as JSON.
+async fn next_text(
+    ws: &mut tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >,
+) -> Value {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    loop {
+        let msg = tokio::time::timeout(Duration::from_secs(30), ws.next())
+            .await
+            .expect("a message in time")
+            .expect("socket open")
+            .expect("no socket error");
+        if let Message::Text(t) = msg {
+            return serde_json::from_str(t.as_str()).unwrap();
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_socket_tells_a_client_about_its_prompt() {
+    use futures_util::SinkExt;
+    use tokio_tungstenite::tungstenite::Message;
+
+    let app = spawn_app().await;
+    let t = app.tenant("acme").await;
+    let _w = app.start_worker(SimConfig::default()).await;
+    let url = format!(
+        "{}/ws?clientId=c-1&api_key={}",
+        app.base.replacen("http://", "ws://", 1),
+        t.admin_key
+    );
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    // Another client of the tenant, and the same client id in another tenant.
+    let other = app.tenant("globex").await;
+    let connect = |client: &str, key: &str| {
+        let url = format!(
+            "{}/api/ws?clientId={client}&api_key={key}",
+            app.base.replacen("http://", "ws://", 1)
+        );
+        async move { tokio_tungstenite::connect_async(url).await.unwrap().0 }
+    };
+    let mut ws_c2 = connect("c-2", &t.admin_key).await;
+    let mut ws_b = connect("c-1", &other.admin_key).await;
+    for ws in [&mut ws_c2, &mut ws_b] {
+        assert_eq!(next_text(ws).await["type"], "status");
+    }
+    let hello = next_text(&mut ws).await;
+    assert_eq!(hello["type"], "status");
+    assert_eq!(hello["data"]["sid"], "c-1");
+    ws.send(Message::text(
+        json!({"type": "feature_flags", "data": {"supports_preview_metadata": true}}).to_string(),
+    ))
+    .await
+    .unwrap();
+    let flags = next_text(&mut ws).await;
+    assert_eq!(flags["type"], "feature_flags");
+
+    let resp = post_plain(
+        &app,
+        &t.admin_key,
+        "/prompt",
+        &json!({"prompt": invert_graph(), "client_id": "c-1"}),
+    )
+    .await;
+    let body: Value = resp.json().await.unwrap();
+    let id = body["prompt_id"].as_str().unwrap().to_string();
+    let mut types = Vec::new();
+    loop {
+        let m = next_text(&mut ws).await;
+        assert_eq!(m["data"]["prompt_id"], id.as_str(), "{m}");
+        types.push(m["type"].as_str().unwrap().to_string());
+        if m["type"] == "executed" {
+            assert_eq!(m["data"]["node"], "3");
+            assert_eq!(m["data"]["output"]["images"][0]["type"], "output");
+        }
+        if m["type"] == "executing" {
+            assert!(m["data"]["node"].is_null());
+            break;
+        }
+    }
+    assert_eq!(
+        types,
+        [
+            "execution_start",
+            "executed",
+            "execution_success",
+            "executing"
+        ]
+    );
+
+    // Neither the other client nor the other tenant heard of that prompt: the first
+    // thing each socket gets is about its own next prompt.
+    for (ws, key, client) in [
+        (&mut ws_c2, &t.admin_key, "c-2"),
+        (&mut ws_b, &other.admin_key, "c-1"),
+    ] {
+        let resp = post_plain(
+            &app,
+            key,
+            "/prompt",
+            &json!({"prompt": invert_graph(), "client_id": client}),
+        )
+        .await;
+        let body: Value = resp.json().await.unwrap();
+        let first = next_text(ws).await;
+        assert_eq!(first["type"], "execution_start", "{first}");
+        assert_eq!(first["data"]["prompt_id"], body["prompt_id"], "{first}");
+    }
+}
