@@ -861,13 +861,14 @@ async fn features(req: &Request) -> Response {
 
 // ---- the socket --------------------------------------------------------------------
 
-/// `WS /ws?clientId=`: ComfyUI's socket, reduced to a prompt's lifecycle. On connect:
+/// `WS /ws?clientId=`: ComfyUI's socket, reduced to what a client follows a prompt by. On connect:
 /// `status` with `sid` (the given clientId, else a fresh hex id); a first client
 /// message `feature_flags` is answered with the server's. For the tenant's prompts
 /// posted with this `client_id`: `execution_start`, then at the end `executed` per
 /// output node, `execution_success` and `executing {node: null}` — or
-/// `execution_error` / `execution_interrupted`. Not yet sent: per-node `executing`,
-/// `progress`, `progress_state` and preview frames.
+/// `execution_error` / `execution_interrupted`. While it runs, `executing` per node
+/// and sampler `progress`, from the fleet's progress snapshots. Not sent:
+/// `execution_cached`, `progress_state` and preview frames.
 #[handler]
 async fn comfy_ws(req: &Request, Query(q): Query<HashMap<String, String>>) -> Response {
     let (state, tenant) = match caller(req) {
@@ -904,13 +905,14 @@ async fn socket_session(
         .attach(
             tenant,
             Filter::new(|e| {
-                e.kind == EnvelopeKind::Event
-                    && e.event_type().is_some_and(|t| {
-                        matches!(
-                            t,
-                            "job.started" | "job.completed" | "job.failed" | "job.cancelled"
-                        )
-                    })
+                e.kind == EnvelopeKind::Progress
+                    || e.kind == EnvelopeKind::Event
+                        && e.event_type().is_some_and(|t| {
+                            matches!(
+                                t,
+                                "job.started" | "job.completed" | "job.failed" | "job.cancelled"
+                            )
+                        })
             }),
         )
         .await;
@@ -922,6 +924,8 @@ async fn socket_session(
     let mut negotiated = false;
     // Whether each job seen was posted by this socket's client.
     let mut ours: HashMap<JobId, bool> = HashMap::new();
+    // Per running job of this client: the node and step last told.
+    let mut told: HashMap<JobId, (Option<String>, u64)> = HashMap::new();
     loop {
         tokio::select! {
             read = socket.next() => match classify(read) {
@@ -949,6 +953,21 @@ async fn socket_session(
                 }
             },
             next = conn.next() => match next {
+                Next::Envelope(env) if env.kind == EnvelopeKind::Progress => {
+                    // Only for prompts this socket saw start: a late snapshot of a
+                    // finished prompt must not follow its final `executing`.
+                    let Some(id) = env.job else { continue };
+                    if ours.get(&id) != Some(&true) {
+                        continue;
+                    }
+                    let Ok(progress) = serde_json::from_slice::<Value>(&env.payload) else { continue };
+                    let last = told.entry(id).or_default();
+                    for message in progress_messages(id, &progress, last) {
+                        if socket.send(text(message.to_string())).await.is_err() {
+                            return;
+                        }
+                    }
+                }
                 Next::Envelope(env) => {
                     let (Some(id), Some(kind)) = (env.job, env.event_type()) else { continue };
                     // Another client's prompt: known from its first event, no read.
@@ -975,6 +994,7 @@ async fn socket_session(
                     }
                     if job.status.is_terminal() {
                         ours.remove(&id);
+                        told.remove(&id);
                     }
                 }
                 // A gap: lifecycle messages may have been lost; the client's
@@ -987,6 +1007,29 @@ async fn socket_session(
             },
         }
     }
+}
+
+/// ComfyUI's `executing` (when the node changed) and `progress` (when the step did)
+/// from one of the fleet's progress snapshots. Snapshots are throttled, so a fast
+/// sampler's steps arrive with gaps, as over a slow ComfyUI socket.
+fn progress_messages(id: JobId, progress: &Value, last: &mut (Option<String>, u64)) -> Vec<Value> {
+    let pid = id.to_string();
+    let node = progress["node_id"].as_str().map(str::to_string);
+    let step = progress["step"].as_u64().unwrap_or(0);
+    let total = progress["total_steps"].as_u64().unwrap_or(0);
+    let mut out = Vec::new();
+    if node.is_some() && node != last.0 {
+        out.push(json!({"type": "executing",
+                        "data": {"node": node, "display_node": node, "prompt_id": pid}}));
+        last.1 = 0;
+    }
+    if node.is_some() && total > 0 && step != last.1 {
+        out.push(json!({"type": "progress",
+                        "data": {"value": step, "max": total, "prompt_id": pid, "node": node}}));
+        last.1 = step;
+    }
+    last.0 = node;
+    out
 }
 
 /// The ComfyUI messages one job event becomes.

@@ -582,8 +582,14 @@ async fn the_socket_tells_a_client_about_its_prompt() {
             assert_eq!(m["data"]["output"]["images"][0]["type"], "output");
         }
         if m["type"] == "executing" {
-            assert!(m["data"]["node"].is_null());
-            break;
+            if m["data"]["node"].is_null() {
+                types.pop();
+                types.push("executing null".into());
+                break;
+            }
+            // Per-node `executing` comes from progress snapshots, while it runs.
+            assert!(!types.iter().any(|t| t == "execution_success"), "{m}");
+            types.pop();
         }
     }
     assert_eq!(
@@ -592,7 +598,7 @@ async fn the_socket_tells_a_client_about_its_prompt() {
             "execution_start",
             "executed",
             "execution_success",
-            "executing"
+            "executing null"
         ]
     );
 
@@ -614,4 +620,63 @@ async fn the_socket_tells_a_client_about_its_prompt() {
         assert_eq!(first["type"], "execution_start", "{first}");
         assert_eq!(first["data"]["prompt_id"], body["prompt_id"], "{first}");
     }
+}
+
+#[tokio::test]
+async fn the_socket_reports_sampler_progress() {
+    let app = spawn_app().await;
+    let t = app.tenant("acme").await;
+    let _w = app
+        .start_worker(SimConfig {
+            step_time: Duration::from_millis(100),
+            ..SimConfig::default()
+        })
+        .await;
+    let built: Value = app
+        .http
+        .post(app.url("/api/run/sdxl-txt2img/build?format=api"))
+        .header("X-API-Key", &t.admin_key)
+        .multipart(Form::new().text("params", r#"{"steps": 6, "width": 512, "height": 512}"#))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let url = format!(
+        "{}/ws?clientId=p-1&api_key={}",
+        app.base.replacen("http://", "ws://", 1),
+        t.admin_key
+    );
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    assert_eq!(next_text(&mut ws).await["type"], "status");
+    let resp = post_plain(
+        &app,
+        &t.admin_key,
+        "/prompt",
+        &json!({"prompt": built, "client_id": "p-1"}),
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    let mut sampler_running = false;
+    let mut steps = Vec::new();
+    loop {
+        let m = next_text(&mut ws).await;
+        match m["type"].as_str() {
+            Some("executing") if m["data"]["node"].is_null() => break,
+            Some("executing") => sampler_running = m["data"]["node"] == "5",
+            Some("progress") => {
+                assert!(
+                    sampler_running,
+                    "progress follows the node's executing: {m}"
+                );
+                assert_eq!(m["data"]["node"], "5");
+                assert_eq!(m["data"]["max"], 6);
+                steps.push(m["data"]["value"].as_u64().unwrap());
+            }
+            _ => {}
+        }
+    }
+    assert!(!steps.is_empty(), "some progress was told");
+    assert!(steps.windows(2).all(|w| w[0] < w[1]), "{steps:?}");
 }
