@@ -715,9 +715,8 @@ async fn upload_image(req: &Request, mut multipart: Multipart) -> Response {
         match existing {
             None => {
                 let key = ObjectKey::input(tenant, &name);
-                if let Err(e) = state.files.put(&key, bytes.clone()).await {
-                    return internal(e);
-                }
+                // The record first: its unique name is what claims the object key, so
+                // a concurrent upload of another image never overwrites this one.
                 let stored = state
                     .store
                     .insert_ready_input(
@@ -730,12 +729,16 @@ async fn upload_image(req: &Request, mut multipart: Multipart) -> Response {
                         },
                     )
                     .await;
-                match stored {
-                    Ok((_, events)) => state.publish(&events).await,
+                let events = match stored {
+                    Ok((_, events)) => events,
                     // Another upload took the name in between: try the next one.
                     Err(crate::store::StoreError::Conflict(_)) => continue,
                     Err(e) => return internal(e),
+                };
+                if let Err(e) = state.files.put(&key, bytes.clone()).await {
+                    return internal(e);
                 }
+                state.publish(&events).await;
                 return upload_reply(name.as_str());
             }
             Some(input) => {
