@@ -226,7 +226,14 @@ async fn bad_bodies_get_comfyui_answers_and_missing_credentials_a_401() {
     let body: Value = resp.json().await.unwrap();
     assert_eq!(body["error"]["type"], "invalid_prompt", "{body}");
 
-    for path in ["/prompt", "/api/queue", "/history", "/object_info", "/view"] {
+    for path in [
+        "/prompt",
+        "/api/queue",
+        "/history",
+        "/object_info",
+        "/view",
+        "/ws",
+    ] {
         let resp = app.http.get(app.url(path)).send().await.unwrap();
         crate::support::expect_problem(resp, 401).await;
     }
