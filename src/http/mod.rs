@@ -5,6 +5,7 @@ pub mod admin;
 pub mod auth;
 pub mod cloud;
 pub mod cloud_ws;
+pub mod comfy;
 pub mod health;
 pub mod inputs;
 pub mod keys;
@@ -205,7 +206,8 @@ pub fn app(state: AppState) -> impl Endpoint {
     let api = api_service();
     let docs = api.swagger_ui();
     let spec = api.spec_endpoint();
-    Route::new()
+    // ComfyUI's own routes (`/prompt`, `/api/prompt`, …) beside the OpenAPI ones.
+    comfy::routes(Route::new())
         .at("/files/*path", poem::get(uploads::serve_signed))
         .at("/api/run/ws", poem::get(session_ws::session_ws))
         .at("/developer/api/v1/ws", poem::get(cloud_ws::cloud_ws))

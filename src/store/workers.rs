@@ -84,6 +84,69 @@ impl Store {
         Ok(())
     }
 
+    /// Records the `/object_info` a worker's ComfyUI published. Kept apart from
+    /// [`Store::register_worker`] because the document is large and only the
+    /// ComfyUI-compatible surface reads it.
+    pub async fn set_worker_object_info(
+        &self,
+        id: WorkerId,
+        object_info: &serde_json::Value,
+    ) -> Result<(), StoreError> {
+        sqlx::query("UPDATE workers SET object_info = $2 WHERE id = $1")
+            .bind(id.as_uuid())
+            .bind(object_info)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// The `/object_info` documents of workers seen within `fresh_secs`, newest
+    /// worker first (so a newer ComfyUI's schema of a class wins a union).
+    pub async fn fleet_object_info(
+        &self,
+        fresh_secs: i64,
+    ) -> Result<Vec<serde_json::Value>, StoreError> {
+        let rows: Vec<(serde_json::Value,)> = sqlx::query_as(
+            "SELECT object_info FROM workers WHERE status <> 'offline' \
+               AND object_info IS NOT NULL \
+               AND last_heartbeat_at > now() - make_interval(secs => $1) \
+             ORDER BY started_at DESC",
+        )
+        .bind(fresh_secs as f64)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().map(|(v,)| v).collect())
+    }
+
+    /// The schemas of `classes` in the fresh workers' `/object_info`, newest worker
+    /// first; `None` when no fresh worker has published one. Reads only the classes
+    /// asked for, so checking a prompt does not move whole catalogues.
+    pub async fn fleet_node_schemas(
+        &self,
+        fresh_secs: i64,
+        classes: &[String],
+    ) -> Result<Option<Vec<(String, serde_json::Value)>>, StoreError> {
+        let rows: Vec<(Option<String>, Option<serde_json::Value>)> = sqlx::query_as(
+            "SELECT e.key, e.value FROM workers w \
+             LEFT JOIN LATERAL jsonb_each(w.object_info) e ON e.key = ANY($2) \
+             WHERE w.status <> 'offline' AND w.object_info IS NOT NULL \
+               AND w.last_heartbeat_at > now() - make_interval(secs => $1) \
+             ORDER BY w.started_at DESC",
+        )
+        .bind(fresh_secs as f64)
+        .bind(classes)
+        .fetch_all(&self.pool)
+        .await?;
+        if rows.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(
+            rows.into_iter()
+                .filter_map(|(k, v)| Some((k?, v?)))
+                .collect(),
+        ))
+    }
+
     pub async fn worker_heartbeat(&self, id: WorkerId, status: &str) -> Result<(), StoreError> {
         sqlx::query("UPDATE workers SET last_heartbeat_at = now(), status = $2 WHERE id = $1")
             .bind(id.as_uuid())

@@ -92,7 +92,8 @@ impl Worker {
 
     async fn capabilities(&self) -> Result<Capabilities, WorkerError> {
         let version = self.comfy.version().await?;
-        let node_classes: Vec<String> = self.comfy.object_info().await?.keys().cloned().collect();
+        let object_info = self.comfy.object_info().await?;
+        let node_classes: Vec<String> = object_info.keys().cloned().collect();
         let models = self.comfy.models().await?;
         self.store
             .register_worker(&WorkerRegistration {
@@ -103,6 +104,11 @@ impl Worker {
                 node_classes: node_classes.clone(),
                 models: models.clone(),
             })
+            .await?;
+        // The API serves the fleet's union of these as ComfyUI's `/object_info` and
+        // validates prompts against it before queueing them.
+        self.store
+            .set_worker_object_info(self.id, &serde_json::Value::Object(object_info))
             .await?;
         Ok(Capabilities {
             node_classes,

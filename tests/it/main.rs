@@ -6,6 +6,7 @@ mod support;
 mod auth;
 mod bus;
 mod cli;
+mod comfy;
 mod files;
 mod jobs;
 mod keys_users;
