@@ -33,33 +33,34 @@ use std::collections::{HashMap, HashSet};
 use bytes::Bytes;
 use chrono::Utc;
 use poem::http::StatusCode;
-use poem::web::{Multipart, Path, Query};
+use poem::web::{Path, Query};
 use poem::{Request, Response, Route, get, handler, post};
 use serde_json::{Map, Value, json};
 
 use super::AppState;
+use super::comfy_files::{
+    features, object_info, object_info_class, system_stats, upload_image, view,
+};
+use super::comfy_ws::comfy_ws;
 use super::problem::Problem;
 use super::security::{StreamCredential, stream_credential};
-use super::uploads::file_response;
 use crate::domain::graph::ApiGraph;
 use crate::domain::ids::{JobId, TenantId};
 use crate::domain::job::JobStatus;
 use crate::domain::node_catalogue::NodeCatalogue;
-use crate::files::{ObjectKey, SafeFilename, SafeSubfolder, read_limited, sniff_image};
 use crate::jobs::{SubmitError, SubmitOptions, WorkSpec};
-use crate::store::inputs::{InputStatus, StoredFile};
 use crate::store::jobs::Job;
 
 /// Workers heard from within this long make up "the fleet" whose nodes are served.
-const FRESH_WORKER_SECS: i64 = 60;
+pub(super) const FRESH_WORKER_SECS: i64 = 60;
 /// `GET /history` without `max_items` lists at most this many of the latest prompts.
-const DEFAULT_HISTORY_ITEMS: i64 = 200;
+pub(super) const DEFAULT_HISTORY_ITEMS: i64 = 200;
 /// Most prompts one `GET /history` lists.
-const MAX_HISTORY_ITEMS: i64 = 1000;
+pub(super) const MAX_HISTORY_ITEMS: i64 = 1000;
 /// Priority a `front: true` prompt gets, ahead of the tenant's default 0.
-const FRONT_PRIORITY: i32 = 1;
+pub(super) const FRONT_PRIORITY: i32 = 1;
 /// Prefix of the idempotency key that reserves a client-chosen `prompt_id`.
-const PROMPT_ID_KEY: &str = "comfyui-prompt-id:";
+pub(super) const PROMPT_ID_KEY: &str = "comfyui-prompt-id:";
 
 /// Adds every ComfyUI route twice: at `/x` and at `/api/x`, as ComfyUI serves them.
 pub fn routes(mut route: Route) -> Route {
@@ -84,18 +85,18 @@ pub fn routes(mut route: Route) -> Route {
 
 // ---- responses ----------------------------------------------------------------
 
-fn json_response(v: &Value) -> Response {
+pub(super) fn json_response(v: &Value) -> Response {
     Response::builder()
         .content_type("application/json; charset=utf-8")
         .body(v.to_string())
 }
 
-fn status_only(status: StatusCode) -> Response {
+pub(super) fn status_only(status: StatusCode) -> Response {
     Response::builder().status(status).body(Bytes::new())
 }
 
 /// What aiohttp answers when a handler raises, e.g. on a body that is not JSON.
-fn server_error() -> Response {
+pub(super) fn server_error() -> Response {
     Response::builder()
         .status(StatusCode::INTERNAL_SERVER_ERROR)
         .content_type("text/plain; charset=utf-8")
@@ -103,7 +104,7 @@ fn server_error() -> Response {
 }
 
 /// A 400 in ComfyUI's `/prompt` error shape.
-fn prompt_error(kind: &str, message: &str, details: &str) -> Response {
+pub(super) fn prompt_error(kind: &str, message: &str, details: &str) -> Response {
     Response::builder()
         .status(StatusCode::BAD_REQUEST)
         .content_type("application/json; charset=utf-8")
@@ -116,7 +117,7 @@ fn prompt_error(kind: &str, message: &str, details: &str) -> Response {
         )
 }
 
-fn internal(e: impl std::fmt::Display) -> Response {
+pub(super) fn internal(e: impl std::fmt::Display) -> Response {
     tracing::error!(error = %e, "ComfyUI-compatible request failed");
     Problem::new(
         StatusCode::INTERNAL_SERVER_ERROR,
@@ -131,7 +132,7 @@ fn internal(e: impl std::fmt::Display) -> Response {
 /// The caller's tenant, or the response refusing the request. Every credential form
 /// is accepted, `?api_key=` included: ComfyUI clients build `/view` URLs for `<img>`
 /// tags, which cannot carry a header.
-fn caller(req: &Request) -> Result<(AppState, TenantId), Response> {
+pub(super) fn caller(req: &Request) -> Result<(AppState, TenantId), Response> {
     let Some(state) = req.data::<AppState>().cloned() else {
         return Err(internal("AppState missing"));
     };
@@ -152,15 +153,17 @@ fn caller(req: &Request) -> Result<(AppState, TenantId), Response> {
 
 macro_rules! caller_or_return {
     ($req:expr) => {
-        match caller($req) {
+        match $crate::http::comfy::caller($req) {
             Ok(c) => c,
             Err(resp) => return resp,
         }
     };
 }
 
+pub(super) use caller_or_return;
+
 /// The body as a JSON object, or `None` when it is not one.
-fn json_object(body: &[u8]) -> Option<Map<String, Value>> {
+pub(super) fn json_object(body: &[u8]) -> Option<Map<String, Value>> {
     match serde_json::from_slice(body) {
         Ok(Value::Object(m)) => Some(m),
         _ => None,
@@ -168,7 +171,7 @@ fn json_object(body: &[u8]) -> Option<Map<String, Value>> {
 }
 
 /// Python's truthiness for the flags ComfyUI reads with `if json_data["clear"]`.
-fn truthy(v: &Value) -> bool {
+pub(super) fn truthy(v: &Value) -> bool {
     match v {
         Value::Null => false,
         Value::Bool(b) => *b,
@@ -183,13 +186,13 @@ fn truthy(v: &Value) -> bool {
 
 /// A job's ComfyUI `number`: its creation time in ms, negated when it was put in
 /// front, so it orders the tenant's prompts like ComfyUI's counter does.
-fn number_of(job: &Job) -> i64 {
+pub(super) fn number_of(job: &Job) -> i64 {
     let n = job.created_at.timestamp_millis();
     if job.priority > 0 { -n } else { n }
 }
 
 /// The output nodes a queue item lists: the graph's sinks.
-fn outputs_to_execute(job: &Job) -> Vec<String> {
+pub(super) fn outputs_to_execute(job: &Job) -> Vec<String> {
     serde_json::from_value::<ApiGraph>(job.graph.clone())
         .map(|g| {
             g.output_nodes()
@@ -201,7 +204,7 @@ fn outputs_to_execute(job: &Job) -> Vec<String> {
 }
 
 /// `[number, prompt_id, prompt, extra_data, outputs_to_execute]`.
-fn queue_item(job: &Job) -> Value {
+pub(super) fn queue_item(job: &Job) -> Value {
     json!([
         number_of(job),
         job.id.to_string(),
@@ -212,7 +215,7 @@ fn queue_item(job: &Job) -> Value {
 }
 
 #[handler]
-async fn post_prompt(req: &Request, body: Bytes) -> Response {
+pub(super) async fn post_prompt(req: &Request, body: Bytes) -> Response {
     let (state, tenant) = caller_or_return!(req);
     let Some(mut request) = json_object(&body) else {
         return server_error();
@@ -299,7 +302,7 @@ async fn post_prompt(req: &Request, body: Bytes) -> Response {
 /// Checks a prompt against the fleet's node catalogue as ComfyUI would. Returns the
 /// `node_errors` of a partly valid prompt (ComfyUI runs its valid outputs and reports
 /// the rest with a 200), or the 400 of an invalid one.
-async fn door_check(state: &AppState, prompt: &Value) -> Result<Value, Response> {
+pub(super) async fn door_check(state: &AppState, prompt: &Value) -> Result<Value, Response> {
     // A prompt that is not a graph is left to the job service, which says why.
     let Ok(graph) = serde_json::from_value::<ApiGraph>(prompt.clone()) else {
         return Ok(json!({}));
@@ -333,7 +336,7 @@ async fn door_check(state: &AppState, prompt: &Value) -> Result<Value, Response>
     }
 }
 
-fn prompt_id_taken() -> Response {
+pub(super) fn prompt_id_taken() -> Response {
     prompt_error(
         "invalid_prompt",
         "prompt_id already exists",
@@ -341,7 +344,7 @@ fn prompt_id_taken() -> Response {
     )
 }
 
-fn submit_error(e: SubmitError) -> Response {
+pub(super) fn submit_error(e: SubmitError) -> Response {
     match e {
         SubmitError::InvalidGraph(v) => Response::builder()
             .status(StatusCode::BAD_REQUEST)
@@ -366,7 +369,7 @@ fn submit_error(e: SubmitError) -> Response {
 }
 
 #[handler]
-async fn get_prompt(req: &Request) -> Response {
+pub(super) async fn get_prompt(req: &Request) -> Response {
     let (state, tenant) = caller_or_return!(req);
     match state.store.active_jobs(tenant).await {
         Ok(jobs) => json_response(&json!({"exec_info": {"queue_remaining": jobs.len()}})),
@@ -375,7 +378,7 @@ async fn get_prompt(req: &Request) -> Response {
 }
 
 #[handler]
-async fn get_queue(req: &Request) -> Response {
+pub(super) async fn get_queue(req: &Request) -> Response {
     let (state, tenant) = caller_or_return!(req);
     let jobs = match state.store.active_jobs(tenant).await {
         Ok(jobs) => jobs,
@@ -392,7 +395,7 @@ async fn get_queue(req: &Request) -> Response {
 /// `{"delete": [ids]}` and/or `{"clear": true}`: cancels waiting prompts only; a
 /// running one is stopped with `/interrupt`, as in ComfyUI.
 #[handler]
-async fn post_queue(req: &Request, body: Bytes) -> Response {
+pub(super) async fn post_queue(req: &Request, body: Bytes) -> Response {
     let (state, tenant) = caller_or_return!(req);
     let Some(request) = json_object(&body) else {
         return server_error();
@@ -420,7 +423,7 @@ async fn post_queue(req: &Request, body: Bytes) -> Response {
 /// Body optional: `{"prompt_id": X}` stops X only if it is running; otherwise every
 /// running prompt of the tenant stops (ComfyUI's global interrupt, per tenant).
 #[handler]
-async fn interrupt(req: &Request, body: Bytes) -> Response {
+pub(super) async fn interrupt(req: &Request, body: Bytes) -> Response {
     let (state, tenant) = caller_or_return!(req);
     let target = json_object(&body).and_then(|m| m.get("prompt_id").cloned());
     let jobs = match state.store.active_jobs(tenant).await {
@@ -444,12 +447,12 @@ async fn interrupt(req: &Request, body: Bytes) -> Response {
 
 /// Whether a job belongs in ComfyUI's history: it ran and it is over. A prompt
 /// deleted from the queue never ran, so ComfyUI never lists it either.
-fn in_history(job: &Job) -> bool {
+pub(super) fn in_history(job: &Job) -> bool {
     job.status.is_terminal() && job.started_at.is_some()
 }
 
 /// ComfyUI's history entry of a finished job.
-async fn history_entry(state: &AppState, job: &Job) -> Result<Value, Response> {
+pub(super) async fn history_entry(state: &AppState, job: &Job) -> Result<Value, Response> {
     let outputs = state
         .store
         .list_outputs(job.tenant_id, job.id)
@@ -508,7 +511,10 @@ async fn history_entry(state: &AppState, job: &Job) -> Result<Value, Response> {
 }
 
 #[handler]
-async fn get_history(req: &Request, Query(q): Query<HashMap<String, String>>) -> Response {
+pub(super) async fn get_history(
+    req: &Request,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
     let (state, tenant) = caller_or_return!(req);
     let limit = q
         .get("max_items")
@@ -549,7 +555,7 @@ async fn get_history(req: &Request, Query(q): Query<HashMap<String, String>>) ->
 }
 
 #[handler]
-async fn get_history_item(req: &Request, Path(prompt_id): Path<String>) -> Response {
+pub(super) async fn get_history_item(req: &Request, Path(prompt_id): Path<String>) -> Response {
     let (state, tenant) = caller_or_return!(req);
     // Unknown, someone else's, or not finished yet: ComfyUI answers `{}` to all.
     let Ok(id) = prompt_id.parse::<JobId>() else {
@@ -568,513 +574,10 @@ async fn get_history_item(req: &Request, Path(prompt_id): Path<String>) -> Respo
 
 /// Accepted and ignored: the history is the tenant's job record (see module docs).
 #[handler]
-async fn post_history(req: &Request, body: Bytes) -> Response {
+pub(super) async fn post_history(req: &Request, body: Bytes) -> Response {
     let _ = caller_or_return!(req);
     if json_object(&body).is_none() {
         return server_error();
     }
     status_only(StatusCode::OK)
-}
-
-// ---- files -------------------------------------------------------------------------
-
-/// `GET /view?filename=&subfolder=&type=`: the tenant's output or input file.
-/// Status codes follow ComfyUI: 400 for a `..` or absolute filename, 403 for a
-/// subfolder that escapes, 404 for anything not found; all with empty bodies.
-#[handler]
-async fn view(req: &Request, Query(q): Query<HashMap<String, String>>) -> Response {
-    let (state, tenant) = caller_or_return!(req);
-    let Some(raw) = q.get("filename") else {
-        return status_only(StatusCode::NOT_FOUND);
-    };
-    let mut kind = q.get("type").map(String::as_str).unwrap_or("output");
-    // ComfyUI accepts an annotated name, `x.png [input]`, and lets it set the type.
-    let mut name = raw.as_str();
-    for (suffix, k) in [
-        (" [output]", "output"),
-        (" [input]", "input"),
-        (" [temp]", "temp"),
-    ] {
-        if let Some(stripped) = name.strip_suffix(suffix) {
-            name = stripped;
-            kind = k;
-        }
-    }
-    if name.starts_with('/') || name.contains("..") {
-        return status_only(StatusCode::BAD_REQUEST);
-    }
-    let Ok(filename) = SafeFilename::parse(name) else {
-        return status_only(StatusCode::NOT_FOUND);
-    };
-    let Ok(subfolder) = SafeSubfolder::parse(q.get("subfolder").map_or("", String::as_str)) else {
-        return status_only(StatusCode::FORBIDDEN);
-    };
-    let found = match kind {
-        "output" => state
-            .store
-            .find_output_by_name(tenant, subfolder.as_str(), filename.as_str())
-            .await
-            .map(|o| o.map(|o| (o.object_key, Some(o.content_type)))),
-        // Inputs are stored flat (see module docs), so only the root folder has any.
-        "input" if subfolder.is_root() => state
-            .store
-            .find_input_by_filename(tenant, filename.as_str())
-            .await
-            .map(|i| {
-                i.filter(|i| i.status == InputStatus::Ready)
-                    .and_then(|i| i.object_key.map(|k| (k, i.content_type)))
-            }),
-        _ => Ok(None),
-    };
-    let (object_key, content_type) = match found {
-        Ok(Some(found)) => found,
-        Ok(None) => return status_only(StatusCode::NOT_FOUND),
-        Err(e) => return internal(e),
-    };
-    let Ok(key) = ObjectKey::parse(&object_key) else {
-        return status_only(StatusCode::NOT_FOUND);
-    };
-    if key.tenant() != tenant {
-        return status_only(StatusCode::NOT_FOUND);
-    }
-    match file_response(&state, &key, content_type.as_deref()).await {
-        Ok(resp) => resp,
-        Err(e) if e.is_not_found() => status_only(StatusCode::NOT_FOUND),
-        Err(e) => internal(e),
-    }
-}
-
-/// `POST /upload/image` (multipart `image`, optional `subfolder`, `overwrite`): stores
-/// the image as a tenant input under the client's own name when that name is safe,
-/// because ComfyUI clients put the returned `name` into LoadImage. A different image
-/// under a taken name gets `name (1).ext`, as in ComfyUI; the same bytes reuse it.
-#[handler]
-async fn upload_image(req: &Request, mut multipart: Multipart) -> Response {
-    let (state, tenant) = caller_or_return!(req);
-    let mut image: Option<(String, Bytes)> = None;
-    let mut overwrite = false;
-    loop {
-        let field = match multipart.next_field().await {
-            Ok(Some(field)) => field,
-            Ok(None) => break,
-            Err(_) => return status_only(StatusCode::BAD_REQUEST),
-        };
-        match field.name() {
-            Some("image") => {
-                let original = field.file_name().unwrap_or("image.png").to_string();
-                match read_limited(field.into_async_read(), state.max_upload).await {
-                    Ok(bytes) => image = Some((original, bytes)),
-                    Err(crate::files::UploadError::TooLarge { .. }) => {
-                        return status_only(StatusCode::PAYLOAD_TOO_LARGE);
-                    }
-                    Err(_) => return status_only(StatusCode::BAD_REQUEST),
-                }
-            }
-            Some("overwrite") => {
-                let v = field.text().await.unwrap_or_default();
-                overwrite = matches!(v.trim(), "true" | "1");
-            }
-            // `subfolder` and `type` are read by ComfyUI; here every upload is a flat
-            // input, so they are accepted and not used.
-            _ => {}
-        }
-    }
-    let Some((original, bytes)) = image else {
-        return status_only(StatusCode::BAD_REQUEST);
-    };
-    let Some(kind) = sniff_image(&bytes) else {
-        return status_only(StatusCode::BAD_REQUEST);
-    };
-    // A browser may send `C:\fakepath\x.png`; only the last component is a name.
-    let base = original.rsplit(['/', '\\']).next().unwrap_or_default();
-    let wanted = match SafeFilename::parse(base) {
-        Ok(n) => n,
-        Err(_) => crate::files::unique_upload_name(base, Utc::now(), &mut rand::thread_rng()),
-    };
-    let (stem, ext) = match wanted.as_str().rsplit_once('.') {
-        Some((s, e)) if !s.is_empty() => (s.to_string(), format!(".{e}")),
-        _ => (wanted.as_str().to_string(), String::new()),
-    };
-    for n in 0..100u32 {
-        let candidate = if n == 0 {
-            wanted.as_str().to_string()
-        } else {
-            format!("{stem} ({n}){ext}")
-        };
-        let Ok(name) = SafeFilename::parse(&candidate) else {
-            break;
-        };
-        let existing = match state
-            .store
-            .find_input_by_filename(tenant, name.as_str())
-            .await
-        {
-            Ok(e) => e,
-            Err(e) => return internal(e),
-        };
-        match existing {
-            None => {
-                let key = ObjectKey::input(tenant, &name);
-                // The record first: its unique name is what claims the object key, so
-                // a concurrent upload of another image never overwrites this one.
-                let stored = state
-                    .store
-                    .insert_ready_input(
-                        tenant,
-                        StoredFile {
-                            filename: name.as_str(),
-                            content_type: kind.mime(),
-                            object_key: key.as_str(),
-                            size_bytes: bytes.len() as i64,
-                        },
-                    )
-                    .await;
-                let events = match stored {
-                    Ok((_, events)) => events,
-                    // Another upload took the name in between: try the next one.
-                    Err(crate::store::StoreError::Conflict(_)) => continue,
-                    Err(e) => return internal(e),
-                };
-                if let Err(e) = state.files.put(&key, bytes.clone()).await {
-                    return internal(e);
-                }
-                state.publish(&events).await;
-                return upload_reply(name.as_str());
-            }
-            Some(input) => {
-                let Some(key) = input
-                    .object_key
-                    .as_deref()
-                    .and_then(|k| ObjectKey::parse(k).ok())
-                else {
-                    continue;
-                };
-                if overwrite {
-                    // The record keeps its first size; workers read the object itself.
-                    if let Err(e) = state.files.put(&key, bytes.clone()).await {
-                        return internal(e);
-                    }
-                    return upload_reply(name.as_str());
-                }
-                if input.size_bytes == Some(bytes.len() as i64)
-                    && state.files.get(&key).await.is_ok_and(|b| b == bytes)
-                {
-                    return upload_reply(name.as_str());
-                }
-            }
-        }
-    }
-    Problem::new(
-        StatusCode::CONFLICT,
-        "name_taken",
-        "too many different images under this name; rename the file",
-    )
-    .into_poem_response()
-}
-
-fn upload_reply(name: &str) -> Response {
-    json_response(&json!({"name": name, "subfolder": "", "type": "input"}))
-}
-
-// ---- the node catalogue and the server -------------------------------------------
-
-/// The union of the fresh workers' `/object_info`; the newest worker's schema of a
-/// class wins. Empty when no worker is online.
-async fn fleet_object_info(state: &AppState) -> Result<Map<String, Value>, Response> {
-    let docs = state
-        .store
-        .fleet_object_info(FRESH_WORKER_SECS)
-        .await
-        .map_err(internal)?;
-    let mut union = Map::new();
-    for doc in docs {
-        if let Value::Object(classes) = doc {
-            for (class, schema) in classes {
-                union.entry(class).or_insert(schema);
-            }
-        }
-    }
-    Ok(union)
-}
-
-#[handler]
-async fn object_info(req: &Request) -> Response {
-    let (state, _) = caller_or_return!(req);
-    match fleet_object_info(&state).await {
-        Ok(union) => json_response(&Value::Object(union)),
-        Err(resp) => resp,
-    }
-}
-
-#[handler]
-async fn object_info_class(req: &Request, Path(class): Path<String>) -> Response {
-    let (state, _) = caller_or_return!(req);
-    let classes = [class.clone()];
-    match state
-        .store
-        .fleet_node_schemas(FRESH_WORKER_SECS, &classes)
-        .await
-    {
-        Ok(schemas) => match schemas.and_then(|s| s.into_iter().next()) {
-            Some((_, schema)) => json_response(&json!({ class: schema })),
-            None => json_response(&json!({})),
-        },
-        Err(e) => internal(e),
-    }
-}
-
-#[handler]
-async fn system_stats(req: &Request) -> Response {
-    let (state, _) = caller_or_return!(req);
-    let version = state
-        .store
-        .list_workers(FRESH_WORKER_SECS)
-        .await
-        .ok()
-        .and_then(|ws| ws.into_iter().find_map(|w| w.comfyui_version))
-        .unwrap_or_else(|| "0.3.64".to_string());
-    // A fleet has no single machine: the numbers describe no device in particular,
-    // present only because clients read these fields.
-    json_response(&json!({
-        "system": {
-            "os": "posix",
-            "ram_total": 0,
-            "ram_free": 0,
-            "comfyui_version": version,
-            "required_frontend_version": "1.27.10",
-            "installed_templates_version": "0.1.95",
-            "required_templates_version": "0.1.95",
-            "python_version": concat!("comfyfleet ", env!("CARGO_PKG_VERSION")),
-            "pytorch_version": "",
-            "embedded_python": false,
-            "argv": ["comfyfleet"],
-        },
-        "devices": [],
-    }))
-}
-
-#[handler]
-async fn features(req: &Request) -> Response {
-    let (state, _) = caller_or_return!(req);
-    json_response(&json!({
-        "supports_preview_metadata": true,
-        "max_upload_size": state.max_upload.get(),
-    }))
-}
-
-// ---- the socket --------------------------------------------------------------------
-
-/// `WS /ws?clientId=`: ComfyUI's socket, reduced to what a client follows a prompt by. On connect:
-/// `status` with `sid` (the given clientId, else a fresh hex id); a first client
-/// message `feature_flags` is answered with the server's. For the tenant's prompts
-/// posted with this `client_id`: `execution_start`, then at the end `executed` per
-/// output node, `execution_success` and `executing {node: null}` — or
-/// `execution_error` / `execution_interrupted`. While it runs, `executing` per node
-/// and sampler `progress`, from the fleet's progress snapshots. Not sent:
-/// `execution_cached`, `progress_state` and preview frames.
-#[handler]
-async fn comfy_ws(req: &Request, Query(q): Query<HashMap<String, String>>) -> Response {
-    let (state, tenant) = match caller(req) {
-        Ok(c) => c,
-        Err(resp) => {
-            // Refused before the upgrade: a ComfyUI client reports the status code.
-            return resp;
-        }
-    };
-    let sid = q
-        .get("clientId")
-        .filter(|c| !c.is_empty())
-        .cloned()
-        .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
-    super::ws::upgrade(req, move |socket| {
-        socket_session(state, tenant, sid, socket)
-    })
-}
-
-async fn socket_session(
-    state: AppState,
-    tenant: TenantId,
-    sid: String,
-    mut socket: super::ws::Socket,
-) {
-    use futures_util::{SinkExt, StreamExt};
-
-    use super::ws::{Incoming, classify, text};
-    use crate::bus::EnvelopeKind;
-    use crate::hub::{Filter, Next};
-
-    let conn = state
-        .hub
-        .attach(
-            tenant,
-            Filter::new(|e| {
-                e.kind == EnvelopeKind::Progress
-                    || e.kind == EnvelopeKind::Event
-                        && e.event_type().is_some_and(|t| {
-                            matches!(
-                                t,
-                                "job.started" | "job.completed" | "job.failed" | "job.cancelled"
-                            )
-                        })
-            }),
-        )
-        .await;
-    let remaining = state.store.active_jobs(tenant).await.map_or(0, |j| j.len());
-    let hello = json!({"type": "status", "data": {"status": {"exec_info": {"queue_remaining": remaining}}, "sid": sid}});
-    if socket.send(text(hello.to_string())).await.is_err() {
-        return;
-    }
-    let mut negotiated = false;
-    // Whether each job seen was posted by this socket's client.
-    let mut ours: HashMap<JobId, bool> = HashMap::new();
-    // Per running job of this client: the node and step last told.
-    let mut told: HashMap<JobId, (Option<String>, u64)> = HashMap::new();
-    loop {
-        tokio::select! {
-            read = socket.next() => match classify(read) {
-                Incoming::Text(t) => {
-                    // Only a first `feature_flags` message is answered, as in ComfyUI.
-                    let first = !negotiated;
-                    negotiated = true;
-                    let is_flags = serde_json::from_str::<Value>(t.as_str())
-                        .ok()
-                        .is_some_and(|m| m["type"] == "feature_flags");
-                    if first && is_flags {
-                        let reply = json!({"type": "feature_flags", "data": {
-                            "supports_preview_metadata": true,
-                            "max_upload_size": state.max_upload.get()}});
-                        if socket.send(text(reply.to_string())).await.is_err() {
-                            return;
-                        }
-                    }
-                }
-                Incoming::Ignore => {}
-                Incoming::Gone => return,
-                Incoming::Refuse(code, reason) => {
-                    super::ws::close(&mut socket, code, reason).await;
-                    return;
-                }
-            },
-            next = conn.next() => match next {
-                Next::Envelope(env) if env.kind == EnvelopeKind::Progress => {
-                    // Only for prompts this socket saw start: a late snapshot of a
-                    // finished prompt must not follow its final `executing`.
-                    let Some(id) = env.job else { continue };
-                    if ours.get(&id) != Some(&true) {
-                        continue;
-                    }
-                    let Ok(progress) = serde_json::from_slice::<Value>(&env.payload) else { continue };
-                    let last = told.entry(id).or_default();
-                    for message in progress_messages(id, &progress, last) {
-                        if socket.send(text(message.to_string())).await.is_err() {
-                            return;
-                        }
-                    }
-                }
-                Next::Envelope(env) => {
-                    let (Some(id), Some(kind)) = (env.job, env.event_type()) else { continue };
-                    // Another client's prompt: known from its first event, no read.
-                    if ours.get(&id) == Some(&false) {
-                        if kind != "job.started" {
-                            ours.remove(&id);
-                        }
-                        continue;
-                    }
-                    let job = match state.store.get_job(tenant, id).await {
-                        Ok(Some(job)) => job,
-                        _ => continue,
-                    };
-                    let mine = *ours
-                        .entry(id)
-                        .or_insert_with(|| job.client_id.as_deref() == Some(sid.as_str()));
-                    if !mine {
-                        continue;
-                    }
-                    for message in lifecycle_messages(&state, kind, &job).await {
-                        if socket.send(text(message.to_string())).await.is_err() {
-                            return;
-                        }
-                    }
-                    if job.status.is_terminal() {
-                        ours.remove(&id);
-                        told.remove(&id);
-                    }
-                }
-                // A gap: lifecycle messages may have been lost; the client's
-                // `/history` poll is the fallback, as after a ComfyUI reconnect.
-                Next::Resync => {}
-                Next::Close(reason) => {
-                    super::ws::close(&mut socket, reason.code(), &reason.reason()).await;
-                    return;
-                }
-            },
-        }
-    }
-}
-
-/// ComfyUI's `executing` (when the node changed) and `progress` (when the step did)
-/// from one of the fleet's progress snapshots. Snapshots are throttled, so a fast
-/// sampler's steps arrive with gaps, as over a slow ComfyUI socket.
-fn progress_messages(id: JobId, progress: &Value, last: &mut (Option<String>, u64)) -> Vec<Value> {
-    let pid = id.to_string();
-    let node = progress["node_id"].as_str().map(str::to_string);
-    let step = progress["step"].as_u64().unwrap_or(0);
-    let total = progress["total_steps"].as_u64().unwrap_or(0);
-    let mut out = Vec::new();
-    if node.is_some() && node != last.0 {
-        out.push(json!({"type": "executing",
-                        "data": {"node": node, "display_node": node, "prompt_id": pid}}));
-        last.1 = 0;
-    }
-    if node.is_some() && total > 0 && step != last.1 {
-        out.push(json!({"type": "progress",
-                        "data": {"value": step, "max": total, "prompt_id": pid, "node": node}}));
-        last.1 = step;
-    }
-    last.0 = node;
-    out
-}
-
-/// The ComfyUI messages one job event becomes.
-async fn lifecycle_messages(state: &AppState, kind: &str, job: &Job) -> Vec<Value> {
-    let pid = job.id.to_string();
-    let now = Utc::now().timestamp_millis();
-    let msg = |t: &str, data: Value| json!({"type": t, "data": data});
-    match kind {
-        "job.started" => vec![msg(
-            "execution_start",
-            json!({"prompt_id": pid, "timestamp": now}),
-        )],
-        "job.completed" => {
-            let mut out = Vec::new();
-            if let Ok(entry) = history_entry(state, job).await
-                && let Some(nodes) = entry["outputs"].as_object()
-            {
-                for (node, output) in nodes {
-                    out.push(msg(
-                        "executed",
-                        json!({"node": node, "display_node": node, "output": output, "prompt_id": pid}),
-                    ));
-                }
-            }
-            out.push(msg(
-                "execution_success",
-                json!({"prompt_id": pid, "timestamp": now}),
-            ));
-            out.push(msg("executing", json!({"node": null, "prompt_id": pid})));
-            out
-        }
-        "job.failed" => vec![msg(
-            "execution_error",
-            json!({"prompt_id": pid, "timestamp": now, "node_id": null, "node_type": null,
-                   "executed": [], "exception_message": job.cause.as_ref().map(|c| format!("{c:?}")),
-                   "exception_type": "", "traceback": [], "current_inputs": {}, "current_outputs": {}}),
-        )],
-        // A prompt deleted from the queue never started: ComfyUI says nothing of it.
-        "job.cancelled" if job.started_at.is_some() => vec![msg(
-            "execution_interrupted",
-            json!({"prompt_id": pid, "timestamp": now, "node_id": null, "node_type": null, "executed": []}),
-        )],
-        _ => Vec::new(),
-    }
 }

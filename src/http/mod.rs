@@ -6,6 +6,8 @@ pub mod auth;
 pub mod cloud;
 pub mod cloud_ws;
 pub mod comfy;
+pub mod comfy_files;
+pub mod comfy_ws;
 pub mod health;
 pub mod inputs;
 pub mod keys;
