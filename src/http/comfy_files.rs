@@ -17,7 +17,6 @@ use crate::files::{ObjectKey, SafeFilename, SafeSubfolder, read_limited, sniff_i
 use crate::store::inputs::{InputStatus, StoredFile};
 
 use super::comfy::caller_or_return;
-/// Workers heard from within this long make up "the fleet" whose nodes are served.
 use super::comfy::*;
 
 // ---- files -------------------------------------------------------------------------

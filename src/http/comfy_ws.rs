@@ -11,7 +11,6 @@ use super::AppState;
 use crate::domain::ids::{JobId, TenantId};
 use crate::store::jobs::Job;
 
-/// Workers heard from within this long make up "the fleet" whose nodes are served.
 use super::comfy::*;
 
 // ---- the socket --------------------------------------------------------------------
