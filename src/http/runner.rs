@@ -139,6 +139,35 @@ pub enum BuildFormat {
     Workflow,
 }
 
+/// The `params` of a `build`/`execute` form, and the stored name of its image.
+async fn read_form(
+    state: &AppState,
+    principal: &crate::auth::Principal,
+    form: RunForm,
+) -> Result<(Value, Option<String>), RunnerError> {
+    let params = parse_params(form.params.as_deref())?;
+    let uploaded = match form.input_image {
+        Some(upload) => Some(super::uploads::store_image(state, principal, upload).await?),
+        None => None,
+    };
+    Ok((params, uploaded))
+}
+
+/// The tenant's job with this id; anything else (malformed, unknown, another
+/// tenant's) is 404.
+async fn find_job(
+    state: &AppState,
+    tenant: crate::domain::ids::TenantId,
+    raw: &str,
+) -> Result<crate::store::jobs::Job, RunnerError> {
+    let id: JobId = raw.parse().map_err(|_| RunnerError::not_found("job"))?;
+    state
+        .store
+        .get_job(tenant, id)
+        .await?
+        .ok_or_else(|| RunnerError::not_found("job"))
+}
+
 fn parse_params(raw: Option<&str>) -> Result<Value, RunnerError> {
     match raw.map(str::trim).filter(|s| !s.is_empty()) {
         None => Ok(json!({})),
@@ -199,13 +228,7 @@ impl RunnerApi {
         format: Query<Option<BuildFormat>>,
         form: RunForm,
     ) -> Result<Json<Any<Value>>, RunnerError> {
-        let params = parse_params(form.params.as_deref())?;
-        let uploaded = match form.input_image {
-            Some(upload) => {
-                Some(super::uploads::store_image(&state, auth.principal(), upload).await?)
-            }
-            None => None,
-        };
+        let (params, uploaded) = read_form(&state, auth.principal(), form).await?;
         let built = state
             .jobs
             .build(&workflow_id, &params, uploaded.as_deref())?;
@@ -237,11 +260,7 @@ impl RunnerApi {
         form: RunForm,
     ) -> Result<Json<ExecuteResponse>, RunnerError> {
         let principal = auth.principal();
-        let params = parse_params(form.params.as_deref())?;
-        let uploaded_image = match form.input_image {
-            Some(upload) => Some(super::uploads::store_image(&state, principal, upload).await?),
-            None => None,
-        };
+        let (params, uploaded_image) = read_form(&state, principal, form).await?;
         let client_id = uuid::Uuid::new_v4().simple().to_string();
         let accepted = state
             .submit(
@@ -295,14 +314,8 @@ impl RunnerApi {
         output_type: Query<Option<OutputPreference>>,
     ) -> Result<payload::Response<FileResponse>, RunnerError> {
         let tenant = auth.principal().tenant_id;
-        let id: JobId = prompt_id
-            .parse()
-            .map_err(|_| RunnerError::not_found("job"))?;
-        let job = state
-            .store
-            .get_job(tenant, id)
-            .await?
-            .ok_or_else(|| RunnerError::not_found("job"))?;
+        let job = find_job(&state, tenant, &prompt_id).await?;
+        let id = job.id;
         if job.status != JobStatus::Completed {
             return Err(RunnerError::detail(
                 404,
@@ -381,14 +394,7 @@ impl RunnerApi {
         prompt_id: Path<String>,
     ) -> Result<Json<RunStatus>, RunnerError> {
         let tenant = auth.principal().tenant_id;
-        let id: JobId = prompt_id
-            .parse()
-            .map_err(|_| RunnerError::not_found("job"))?;
-        let job = state
-            .store
-            .get_job(tenant, id)
-            .await?
-            .ok_or_else(|| RunnerError::not_found("job"))?;
+        let job = find_job(&state, tenant, &prompt_id).await?;
         let status = match job.status {
             JobStatus::Accepted | JobStatus::Uploaded | JobStatus::Queued => RunStatus {
                 step: Some(0),
