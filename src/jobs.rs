@@ -41,6 +41,10 @@ pub struct SubmitOptions {
     pub extra_data: Value,
     /// Longest the job may run, in seconds; a manifest's own limit wins if smaller.
     pub time_limit_secs: Option<u32>,
+    /// An id the client chose (ComfyUI's `prompt_id`); a fresh one when absent.
+    pub job_id: Option<JobId>,
+    /// ComfyUI's `number` of a prompt posted through the ComfyUI dialect.
+    pub comfy_number: Option<f64>,
 }
 
 /// A job the service accepted.
@@ -69,6 +73,9 @@ pub enum SubmitError {
     MissingInputs(Vec<String>),
     #[error("this Idempotency-Key was used with a different request")]
     IdempotencyKeyReused,
+    /// A client-chosen job id that is already taken.
+    #[error("this job id is already taken")]
+    JobIdTaken,
     #[error("{0}")]
     InvalidOption(String),
     #[error(transparent)]
@@ -204,7 +211,7 @@ impl JobService {
             return Err(SubmitError::MissingInputs(missing));
         }
         let new = NewJob {
-            id: JobId::new(),
+            id: options.job_id.unwrap_or_default(),
             workflow_id,
             graph: serde_json::to_value(&graph).expect("a graph serialises"),
             params,
@@ -216,10 +223,15 @@ impl JobService {
             required_models,
             input_files,
             time_limit_secs: time_limit.map(|t| t.min(i32::MAX as u32) as i32),
+            comfy_number: options.comfy_number,
             idempotency_key: options.idempotency_key.clone(),
             request_digest,
         };
-        match self.store.submit_job(tenant, new).await? {
+        let submitted = match self.store.submit_job(tenant, new).await {
+            Err(StoreError::Conflict(_)) => return Err(SubmitError::JobIdTaken),
+            other => other?,
+        };
+        match submitted {
             Submitted::Created(job, events) => Ok(Accepted {
                 job,
                 seeds,

@@ -11,9 +11,12 @@ use bytes::Bytes;
 use chrono::SecondsFormat;
 use serde_json::{Value, json};
 
-use crate::bus::{Bus, Envelope, EnvelopeKind};
+use crate::bus::{Bus, Envelope, EnvelopeKind, Meta};
 use crate::domain::ids::{JobId, TenantId};
 use crate::store::events::StoredEvent;
+
+/// The `type` prefix of relayed ComfyUI messages (`comfy.progress_state`).
+pub const COMFY_TYPE_PREFIX: &str = "comfy.";
 
 /// How long a snapshot outlives its last update (a worker that died mid-job).
 const SNAPSHOT_TTL: Duration = Duration::from_secs(3600);
@@ -144,6 +147,34 @@ impl Publisher {
         envelope.job = Some(job);
         if let Err(err) = self.bus.publish(&envelope).await {
             tracing::debug!(error = %err, %job, "publishing progress failed");
+        }
+    }
+
+    /// Relays one of ComfyUI's own in-flight messages (`progress_state`, …) as the
+    /// worker's ComfyUI sent it, for the ComfyUI dialect's clients. `seq` numbers a
+    /// job's relayed messages: distinct numbers keep a slow client's outbox from
+    /// merging them (it drops the oldest when full instead).
+    pub async fn comfy_message(
+        &self,
+        tenant: TenantId,
+        job: JobId,
+        seq: u64,
+        kind: &str,
+        text: Bytes,
+    ) {
+        let meta = match Meta::typed(&format!("{COMFY_TYPE_PREFIX}{kind}")) {
+            Ok(meta) => meta,
+            Err(err) => {
+                tracing::warn!(error = %err, "a ComfyUI message type does not fit an envelope");
+                return;
+            }
+        };
+        let mut envelope = Envelope::new(tenant, EnvelopeKind::Control, text);
+        envelope.job = Some(job);
+        envelope.id = seq;
+        envelope.meta = meta;
+        if let Err(err) = self.bus.publish(&envelope).await {
+            tracing::debug!(error = %err, %job, "relaying a ComfyUI message failed");
         }
     }
 

@@ -8,6 +8,7 @@
 //! 0.3.64's `validate_prompt`/`validate_inputs` (including which node an error is pinned
 //! on and how `dependent_outputs` accumulate), so bodies match the captured traces.
 
+use indexmap::IndexMap;
 use std::cmp::Ordering;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
@@ -111,7 +112,7 @@ pub fn as_link(value: &Value) -> Option<Link<'_>> {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct ApiGraph {
-    nodes: BTreeMap<NodeId, ApiNode>,
+    nodes: IndexMap<NodeId, ApiNode>,
 }
 
 /// The graph has a dependency cycle through this node, so it has no execution order.
@@ -163,6 +164,26 @@ impl ApiGraph {
 
     /// Nodes nothing links from: the outputs of the graph when no catalogue says which
     /// classes are output nodes (with one, use [`ApiGraph::catalogue_outputs`]).
+    /// The graph of just these outputs and the nodes they need: what ComfyUI runs of
+    /// a prompt whose other outputs failed validation.
+    pub fn only_outputs(&self, outputs: &[NodeId]) -> ApiGraph {
+        let mut keep = BTreeSet::new();
+        let mut stack = outputs.to_vec();
+        while let Some(id) = stack.pop() {
+            if !keep.insert(id.clone()) {
+                continue;
+            }
+            if let Some(node) = self.node(id.as_str()) {
+                stack.extend(self.links_of(node).map(|(_, l)| NodeId::new(l.node)));
+            }
+        }
+        ApiGraph::from_nodes(
+            self.nodes()
+                .filter(|(id, _)| keep.contains(*id))
+                .map(|(id, n)| (id.clone(), n.clone())),
+        )
+    }
+
     pub fn output_nodes(&self) -> Vec<&NodeId> {
         let used: BTreeSet<&str> = self
             .nodes
@@ -332,6 +353,71 @@ impl ComfyValidationError {
             },
             node_errors: BTreeMap::new(),
         }
+    }
+
+    /// The outputs `self` leaves standing, and the graph of just them and what they
+    /// need: what ComfyUI runs of a partly valid prompt.
+    pub fn surviving(&self, graph: &ApiGraph) -> Option<ApiGraph> {
+        let fallen: BTreeSet<&NodeId> = self
+            .node_errors
+            .values()
+            .flat_map(|e| e.dependent_outputs.iter())
+            .collect();
+        let standing: Vec<NodeId> = graph
+            .output_nodes()
+            .into_iter()
+            .filter(|o| !fallen.contains(o))
+            .cloned()
+            .collect();
+        if standing.is_empty() {
+            return None;
+        }
+        Some(graph.only_outputs(&standing))
+    }
+
+    /// What ComfyUI's LoadImage validation says of image files it does not have:
+    /// `custom_validation_failed` on each node naming one, with the outputs it takes
+    /// down, under `prompt_outputs_failed_validation`.
+    pub fn missing_images(graph: &ApiGraph, missing: &[String]) -> Self {
+        let mut out = Self::prompt(
+            PromptErrorType::PromptOutputsFailedValidation,
+            "Prompt outputs failed validation",
+            "",
+        );
+        for output in graph.output_nodes() {
+            let mut stack = vec![output.clone()];
+            let mut seen = BTreeSet::new();
+            while let Some(id) = stack.pop() {
+                if !seen.insert(id.clone()) {
+                    continue;
+                }
+                let Some(node) = graph.node(id.as_str()) else {
+                    continue;
+                };
+                stack.extend(graph.links_of(node).map(|(_, l)| NodeId::new(l.node)));
+                let Some(Value::String(name)) = node.inputs.get("image") else {
+                    continue;
+                };
+                if !missing.contains(name) {
+                    continue;
+                }
+                let entry = out
+                    .node_errors
+                    .entry(id.clone())
+                    .or_insert_with(|| NodeErrors {
+                        errors: vec![InputError::new(
+                            InputErrorType::CustomValidationFailed,
+                            "Custom validation failed for node",
+                            format!("image - Invalid image file: {name}"),
+                            Map::from_iter([("input_name".to_owned(), Value::from("image"))]),
+                        )],
+                        dependent_outputs: Vec::new(),
+                        class_type: node.class_type().unwrap_or_default().to_owned(),
+                    });
+                entry.dependent_outputs.push(output.clone());
+            }
+        }
+        out
     }
 
     /// The body a ComfyUI-compatible `/prompt` answers with (status 400).

@@ -96,6 +96,10 @@ impl FromStr for JobStatus {
 /// Why a job failed, in seed 003's shape.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FailureCause {
+    /// The graph node that raised, when a node did (ComfyUI's `node_id`); an
+    /// addition to seed 003's shape, left out when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_id: Option<String>,
     pub node_type: Option<String>,
     pub exception_type: String,
     pub exception_message: String,

@@ -90,7 +90,9 @@ pub(super) fn submit_error(e: SubmitError) -> ApiError {
                 ApiError::invalid_fields(fields)
             }
         }
-        SubmitError::IdempotencyKeyReused => ApiError::conflict(e.to_string()),
+        SubmitError::IdempotencyKeyReused | SubmitError::JobIdTaken => {
+            ApiError::conflict(e.to_string())
+        }
         SubmitError::Store(s) => s.into(),
         other => ApiError::bad_request(other.to_string()),
     }
@@ -233,6 +235,7 @@ impl CloudApi {
                     priority: body.priority,
                     idempotency_key: idempotency_key.0,
                     time_limit_secs: body.time_limit_secs,
+                    job_id: None,
                     ..SubmitOptions::default()
                 },
             )

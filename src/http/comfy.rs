@@ -17,12 +17,11 @@
 //! the job id, and history, queue and files only ever show the tenant's own.
 //!
 //! Deliberate differences from one ComfyUI process (see the report of issue 7):
-//! - `number` is not a process counter: it is the job's creation time in milliseconds
-//!   (negated for `front`), which orders a tenant's prompts the same way across pods
-//!   without shared state. A client-sent `number` is echoed in the reply only.
-//! - A client-chosen `prompt_id` must be a UUID the tenant has not used; the prompt is
-//!   still queued under the fleet's own id, which the reply returns (jobs get their ids
-//!   from the job service).
+//! - `number` is a per-tenant counter (0, 1, …, negated for `front`, rejected prompts
+//!   counting too), as one ComfyUI process keeps one; jobs from the other dialects
+//!   show their creation time in milliseconds instead.
+//! - A client-chosen `prompt_id` becomes the job id; one already taken (by any tenant)
+//!   is refused like a reused one.
 //! - `POST /history` (delete/clear) answers 200 and hides nothing: history is the
 //!   tenant's job record, which other surfaces also read.
 //! - `/upload/image` stores every image flat in the tenant's inputs and answers
@@ -44,7 +43,7 @@ use super::comfy_files::{
 use super::comfy_ws::comfy_ws;
 use super::problem::Problem;
 use super::security::{StreamCredential, stream_credential};
-use crate::domain::graph::ApiGraph;
+use crate::domain::graph::{ApiGraph, ComfyValidationError};
 use crate::domain::ids::{JobId, TenantId};
 use crate::domain::job::JobStatus;
 use crate::domain::node_catalogue::NodeCatalogue;
@@ -184,11 +183,19 @@ pub(super) fn truthy(v: &Value) -> bool {
 
 // ---- prompts and the queue -----------------------------------------------------
 
-/// A job's ComfyUI `number`: its creation time in ms, negated when it was put in
-/// front, so it orders the tenant's prompts like ComfyUI's counter does.
-pub(super) fn number_of(job: &Job) -> i64 {
+/// A job's ComfyUI `number`: the one it was posted with through this dialect; for
+/// jobs from the other dialects its creation time in ms (negated when put in front),
+/// which orders them among the tenant's prompts without a shared counter.
+pub(super) fn number_of(job: &Job) -> Value {
+    if let Some(n) = job.comfy_number {
+        return if n.fract() == 0.0 && n.abs() < 9.0e15 {
+            json!(n as i64)
+        } else {
+            json!(n)
+        };
+    }
     let n = job.created_at.timestamp_millis();
-    if job.priority > 0 { -n } else { n }
+    json!(if job.priority > 0 { -n } else { n })
 }
 
 /// The output nodes a queue item lists: the graph's sinks.
@@ -232,6 +239,18 @@ pub(super) async fn post_prompt(req: &Request, body: Bytes) -> Response {
         },
     };
     let front = request.get("front").is_some_and(truthy);
+    // Counted before validation, as ComfyUI does: a rejected prompt uses a number
+    // too. ComfyUI answers a sent number as the float it made of it.
+    let (number, number_json) = match number {
+        Some(n) => (n, json!(n)),
+        None => match state.store.next_comfy_prompt_number(tenant).await {
+            Ok(n) => {
+                let n = if front { -n } else { n };
+                (n as f64, json!(n))
+            }
+            Err(e) => return internal(e),
+        },
+    };
     let Some(prompt) = request.remove("prompt") else {
         return prompt_error("no_prompt", "No prompt provided", "No prompt provided");
     };
@@ -240,7 +259,7 @@ pub(super) async fn post_prompt(req: &Request, body: Bytes) -> Response {
     }
     let prompt_id = match request.get("prompt_id") {
         None | Some(Value::Null) => None,
-        Some(Value::String(s)) if uuid::Uuid::parse_str(s).is_ok() => Some(s.clone()),
+        Some(Value::String(s)) if let Ok(id) = s.parse::<JobId>() => Some(id),
         Some(_) => {
             return prompt_error(
                 "invalid_prompt",
@@ -269,8 +288,8 @@ pub(super) async fn post_prompt(req: &Request, body: Bytes) -> Response {
     // Validation at the door: a typo is answered with ComfyUI's own 400 now, not
     // after the prompt waited for a worker. Without a worker online the job service's
     // structural checks are all there is.
-    let node_errors = match door_check(&state, &prompt).await {
-        Ok(report) => report,
+    let (node_errors, mut prompt) = match door_check(&state, prompt).await {
+        Ok(checked) => checked,
         Err(resp) => return resp,
     };
 
@@ -281,20 +300,40 @@ pub(super) async fn post_prompt(req: &Request, body: Bytes) -> Response {
         idempotency_key: prompt_id.as_ref().map(|p| format!("{PROMPT_ID_KEY}{p}")),
         extra_data: Value::Object(extra_data),
         time_limit_secs: None,
+        // ComfyUI clients that choose the id listen for it on their socket.
+        job_id: prompt_id,
+        comfy_number: Some(number),
     };
-    match state.submit(tenant, WorkSpec::Graph(prompt), options).await {
-        Ok(accepted) if accepted.replayed => prompt_id_taken(),
-        Ok(accepted) => {
-            let number = match number {
-                Some(n) => json!(n),
-                None => json!(number_of(&accepted.job)),
-            };
-            json_response(&json!({
-                "prompt_id": accepted.job.id.to_string(),
-                "number": number,
-                "node_errors": node_errors,
-            }))
+    let graph = serde_json::from_value::<ApiGraph>(prompt.clone()).ok();
+    let mut node_errors = node_errors;
+    let mut submitted = state
+        .submit(tenant, WorkSpec::Graph(prompt.clone()), options.clone())
+        .await;
+    // An image the tenant never uploaded fails LoadImage's own validation: the outputs
+    // that need it are reported, and the prompt runs if any other output stands.
+    if let (Err(SubmitError::MissingInputs(files)), Some(graph)) = (&submitted, &graph) {
+        let rejected = ComfyValidationError::missing_images(graph, files);
+        let Some(rest) = rejected.surviving(graph) else {
+            return Response::builder()
+                .status(StatusCode::BAD_REQUEST)
+                .content_type("application/json; charset=utf-8")
+                .body(rejected.to_json().to_string());
+        };
+        if let (Some(all), Value::Object(more)) =
+            (node_errors.as_object_mut(), json!(rejected.node_errors))
+        {
+            all.extend(more);
         }
+        prompt = serde_json::to_value(&rest).expect("a graph serialises");
+        submitted = state.submit(tenant, WorkSpec::Graph(prompt), options).await;
+    }
+    match submitted {
+        Ok(accepted) if accepted.replayed => prompt_id_taken(),
+        Ok(accepted) => json_response(&json!({
+            "prompt_id": accepted.job.id.to_string(),
+            "number": number_json,
+            "node_errors": node_errors,
+        })),
         Err(e) => submit_error(e),
     }
 }
@@ -302,10 +341,13 @@ pub(super) async fn post_prompt(req: &Request, body: Bytes) -> Response {
 /// Checks a prompt against the fleet's node catalogue as ComfyUI would. Returns the
 /// `node_errors` of a partly valid prompt (ComfyUI runs its valid outputs and reports
 /// the rest with a 200), or the 400 of an invalid one.
-pub(super) async fn door_check(state: &AppState, prompt: &Value) -> Result<Value, Response> {
+pub(super) async fn door_check(
+    state: &AppState,
+    prompt: Value,
+) -> Result<(Value, Value), Response> {
     // A prompt that is not a graph is left to the job service, which says why.
     let Ok(graph) = serde_json::from_value::<ApiGraph>(prompt.clone()) else {
-        return Ok(json!({}));
+        return Ok((json!({}), prompt));
     };
     let classes: Vec<String> = graph
         .class_types()
@@ -318,7 +360,7 @@ pub(super) async fn door_check(state: &AppState, prompt: &Value) -> Result<Value
         .await
     {
         Ok(Some(schemas)) => schemas,
-        Ok(None) => return Ok(json!({})),
+        Ok(None) => return Ok((json!({}), prompt)),
         Err(e) => return Err(internal(e)),
     };
     let mut union = Map::new();
@@ -328,7 +370,15 @@ pub(super) async fn door_check(state: &AppState, prompt: &Value) -> Result<Value
     let catalogue: NodeCatalogue =
         serde_json::from_value(Value::Object(union)).map_err(internal)?;
     match graph.validate_against(&catalogue) {
-        Ok(report) => Ok(json!(report.node_errors)),
+        // ComfyUI runs the outputs that passed; the rest are reported.
+        Ok(report) if report.node_errors.is_empty() => Ok((json!({}), prompt)),
+        Ok(report) => {
+            let runs = graph.only_outputs(&report.good_outputs);
+            Ok((
+                json!(report.node_errors),
+                serde_json::to_value(&runs).expect("a graph serialises"),
+            ))
+        }
         Err(rejected) => Err(Response::builder()
             .status(StatusCode::BAD_REQUEST)
             .content_type("application/json; charset=utf-8")
@@ -350,7 +400,7 @@ pub(super) fn submit_error(e: SubmitError) -> Response {
             .status(StatusCode::BAD_REQUEST)
             .content_type("application/json; charset=utf-8")
             .body(v.to_json().to_string()),
-        SubmitError::IdempotencyKeyReused => prompt_id_taken(),
+        SubmitError::IdempotencyKeyReused | SubmitError::JobIdTaken => prompt_id_taken(),
         SubmitError::NotAGraph(msg) => prompt_error("invalid_prompt", "Invalid prompt", &msg),
         SubmitError::MissingInputs(files) => prompt_error(
             "prompt_outputs_failed_validation",
@@ -451,6 +501,26 @@ pub(super) fn in_history(job: &Job) -> bool {
     job.status.is_terminal() && job.started_at.is_some()
 }
 
+/// `execution_error`'s data for a failed job (the worker's ComfyUI reported the
+/// exception; its traceback and the node's inputs stay on the worker).
+pub(super) fn execution_error_data(job: &Job, timestamp: i64) -> Value {
+    let cause = job.cause.as_ref();
+    json!({"prompt_id": job.id.to_string(),
+           "node_id": cause.and_then(|c| c.node_id.clone()),
+           "node_type": cause.and_then(|c| c.node_type.clone()),
+           "executed": [],
+           "exception_message": cause.map(|c| c.exception_message.clone()).unwrap_or_default(),
+           "exception_type": cause.map(|c| c.exception_type.clone()).unwrap_or_default(),
+           "traceback": [], "current_inputs": {}, "current_outputs": {},
+           "timestamp": timestamp})
+}
+
+/// `execution_interrupted`'s data for a cancelled job.
+pub(super) fn interrupted_data(job: &Job, timestamp: i64) -> Value {
+    json!({"prompt_id": job.id.to_string(), "node_id": null, "node_type": null,
+           "executed": [], "timestamp": timestamp})
+}
+
 /// ComfyUI's history entry of a finished job.
 pub(super) async fn history_entry(state: &AppState, job: &Job) -> Result<Value, Response> {
     let outputs = state
@@ -488,15 +558,13 @@ pub(super) async fn history_entry(state: &AppState, job: &Job) -> Result<Value, 
     let ok = job.status == JobStatus::Completed;
     let pid = job.id.to_string();
     let ms = |t: Option<chrono::DateTime<Utc>>| t.map(|t| t.timestamp_millis());
+    let at = ms(job.completed_at).unwrap_or_default();
     let end = match job.status {
         JobStatus::Completed => {
-            json!(["execution_success", {"prompt_id": pid, "timestamp": ms(job.completed_at)}])
+            json!(["execution_success", {"prompt_id": pid, "timestamp": at}])
         }
-        JobStatus::Cancelled => {
-            json!(["execution_interrupted", {"prompt_id": pid, "timestamp": ms(job.completed_at)}])
-        }
-        _ => json!(["execution_error", {"prompt_id": pid, "timestamp": ms(job.completed_at),
-                     "exception_message": job.cause.as_ref().map(|c| format!("{c:?}"))}]),
+        JobStatus::Cancelled => json!(["execution_interrupted", interrupted_data(job, at)]),
+        _ => json!(["execution_error", execution_error_data(job, at)]),
     };
     Ok(json!({
         "prompt": queue_item(job),

@@ -197,7 +197,9 @@ impl From<SubmitError> for RunnerError {
                 }
                 Self::detail(400, body)
             }
-            SubmitError::IdempotencyKeyReused => Self::detail(409, json!(e.to_string())),
+            SubmitError::IdempotencyKeyReused | SubmitError::JobIdTaken => {
+                Self::detail(409, json!(e.to_string()))
+            }
             SubmitError::Store(s) => s.into(),
             other => Self::detail(400, json!(other.to_string())),
         }

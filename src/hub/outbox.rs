@@ -19,7 +19,7 @@ use std::sync::Mutex;
 
 use tokio::sync::Notify;
 
-use crate::bus::{BusItem, Envelope, SharedEnvelope};
+use crate::bus::{BusItem, Envelope, EnvelopeKind, SharedEnvelope};
 
 /// WebSocket close code: the client fell too far behind on lifecycle events and must
 /// reconnect, resuming after the last event id it received.
@@ -235,9 +235,14 @@ impl State {
     }
 }
 
-/// Latest-wins identity: same kind, same job, same type.
+/// Latest-wins identity: same kind, same job, same type — and for control messages
+/// the same id, so messages a publisher numbers (a ComfyUI worker's relayed
+/// `progress_state`s) queue up instead of replacing each other, within the slot limit.
 fn same_slot(a: &SharedEnvelope, b: &SharedEnvelope) -> bool {
-    a.kind == b.kind && a.job == b.job && a.event_type() == b.event_type()
+    a.kind == b.kind
+        && a.job == b.job
+        && a.event_type() == b.event_type()
+        && (a.kind != EnvelopeKind::Control || a.id == b.id)
 }
 
 fn oldest(slots: &[(u64, SharedEnvelope)]) -> Option<usize> {

@@ -371,6 +371,7 @@ async fn requeue_or_fail(
             .await?;
     if attempts >= max_attempts {
         let cause = FailureCause {
+            node_id: None,
             node_type: None,
             exception_type: "WorkerLost".into(),
             exception_message: format!(

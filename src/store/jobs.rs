@@ -41,6 +41,8 @@ pub struct Job {
     /// 1-based position among the tenant's queued jobs in claim order; `None`
     /// unless queued.
     pub queue_number: Option<i64>,
+    /// ComfyUI's `number`, for prompts posted through the ComfyUI dialect.
+    pub comfy_number: Option<f64>,
 }
 
 /// What a submit stores.
@@ -58,6 +60,7 @@ pub struct NewJob {
     pub required_models: Vec<String>,
     pub input_files: Vec<String>,
     pub time_limit_secs: Option<i32>,
+    pub comfy_number: Option<f64>,
     /// With `request_digest`: a retried submit returns the original job.
     pub idempotency_key: Option<String>,
     pub request_digest: Option<[u8; 32]>,
@@ -109,6 +112,7 @@ struct JobRow {
     completed_at: Option<DateTime<Utc>>,
     cancel_requested_at: Option<DateTime<Utc>>,
     queue_number: Option<i64>,
+    comfy_number: Option<f64>,
 }
 
 impl TryFrom<JobRow> for Job {
@@ -142,6 +146,7 @@ impl TryFrom<JobRow> for Job {
             completed_at: r.completed_at,
             cancel_requested_at: r.cancel_requested_at,
             queue_number: r.queue_number,
+            comfy_number: r.comfy_number,
         })
     }
 }
@@ -150,7 +155,7 @@ impl TryFrom<JobRow> for Job {
 const JOB_SELECT: &str = "SELECT j.id, j.tenant_id, j.status, j.workflow_id, j.graph, j.params, \
     j.seeds, j.client_id, j.extra_data, j.priority, j.required_nodes, j.required_models, \
     j.input_files, j.time_limit_secs, j.cause, j.attempts, j.created_at, j.queued_at, j.started_at, \
-    j.completed_at, j.cancel_requested_at, \
+    j.completed_at, j.cancel_requested_at, j.comfy_number, \
     CASE WHEN j.status = 'queued' THEN ( \
         SELECT count(*) FROM jobs q \
         WHERE q.tenant_id = j.tenant_id AND q.status = 'queued' \
@@ -174,14 +179,15 @@ impl Store {
         let inserted = sqlx::query(
             "INSERT INTO jobs (id, tenant_id, status, workflow_id, graph, params, seeds, client_id, \
                 extra_data, priority, required_nodes, required_models, input_files, \
-                idempotency_key, request_digest, time_limit_secs, queued_at) \
-             VALUES ($1, $2, 'queued', $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, now()) \
+                idempotency_key, request_digest, time_limit_secs, comfy_number, queued_at) \
+             VALUES ($1, $2, 'queued', $3, $4::text::json, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, now()) \
              ON CONFLICT (tenant_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING",
         )
         .bind(new.id.as_uuid())
         .bind(tenant.as_uuid())
         .bind(&new.workflow_id)
-        .bind(&new.graph)
+        // As text: a `Value` binds as jsonb, which would re-sort the prompt's nodes.
+        .bind(new.graph.to_string())
         .bind(&new.params)
         .bind(&new.seeds)
         .bind(&new.client_id)
@@ -193,8 +199,11 @@ impl Store {
         .bind(&new.idempotency_key)
         .bind(new.request_digest.as_ref().map(|d| d.as_slice()))
         .bind(new.time_limit_secs)
+        .bind(new.comfy_number)
         .execute(&mut *tx)
-        .await?;
+        .await
+        // The id itself can collide only when a client chose it (a ComfyUI prompt_id).
+        .map_err(super::conflict_on_unique("job id"))?;
         if inserted.rows_affected() == 0 {
             // The key was used before: same request → same job; otherwise refuse.
             tx.rollback().await?;
@@ -266,6 +275,31 @@ impl Store {
     }
 
     /// The tenant's waiting and running jobs in claim order (running first).
+    /// The tenant's next ComfyUI prompt number (0, 1, 2, …), as a ComfyUI server
+    /// counts the prompts posted to it.
+    pub async fn next_comfy_prompt_number(&self, tenant: TenantId) -> Result<i64, StoreError> {
+        let (n,): (i64,) = sqlx::query_as(
+            "UPDATE tenants SET comfy_prompt_count = comfy_prompt_count + 1 \
+             WHERE id = $1 RETURNING comfy_prompt_count - 1",
+        )
+        .bind(tenant.as_uuid())
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(n)
+    }
+
+    /// How many of the tenant's jobs are pending or running (ComfyUI's `queue_remaining`).
+    pub async fn count_active_jobs(&self, tenant: TenantId) -> Result<i64, StoreError> {
+        let (n,): (i64,) = sqlx::query_as(
+            "SELECT count(*) FROM jobs WHERE tenant_id = $1 \
+             AND status IN ('accepted', 'uploaded', 'queued', 'running')",
+        )
+        .bind(tenant.as_uuid())
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(n)
+    }
+
     pub async fn active_jobs(&self, tenant: TenantId) -> Result<Vec<Job>, StoreError> {
         let rows: Vec<JobRow> = sqlx::query_as(&format!(
             "{JOB_SELECT} WHERE j.tenant_id = $1 AND j.status IN ('accepted', 'uploaded', 'queued', 'running') \

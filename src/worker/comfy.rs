@@ -498,19 +498,75 @@ pub struct ComfySocket {
     stream: WebSocketStream<MaybeTlsStream<TcpStream>>,
 }
 
+/// ComfyUI's in-flight message types that the ComfyUI dialect of the API relays to
+/// its clients as ComfyUI wrote them (the lifecycle ones it renders from job events).
+pub const RELAYED_TYPES: [&str; 4] = [
+    "execution_cached",
+    "executing",
+    "progress",
+    "progress_state",
+];
+
+/// A message and, for a relayed type, the frame as received.
+pub struct Received {
+    pub message: ComfyMessage,
+    pub relay: Option<RelayFrame>,
+}
+
+/// A text frame to pass on unchanged to the prompt's ComfyUI-dialect clients.
+pub struct RelayFrame {
+    /// One of [`RELAYED_TYPES`].
+    pub kind: &'static str,
+    pub prompt_id: Option<String>,
+    /// `executing` with `node: null` (the end marker) is not relayed: the API sends
+    /// its own once the outputs are stored.
+    pub is_end_marker: bool,
+    pub text: Bytes,
+}
+
+impl RelayFrame {
+    fn of(text: &str) -> Option<Self> {
+        let frame: Value = serde_json::from_str(text).ok()?;
+        let kind = RELAYED_TYPES
+            .into_iter()
+            .find(|t| frame["type"].as_str() == Some(t))?;
+        Some(Self {
+            kind,
+            prompt_id: frame["data"]["prompt_id"].as_str().map(str::to_owned),
+            is_end_marker: kind == "executing" && frame["data"]["node"].is_null(),
+            text: Bytes::copy_from_slice(text.as_bytes()),
+        })
+    }
+}
+
 impl ComfySocket {
     /// The next message; `None` when the socket closed.
     pub async fn next(&mut self) -> Option<Result<ComfyMessage, ComfyError>> {
+        self.next_received()
+            .await
+            .map(|r| r.map(|received| received.message))
+    }
+
+    /// The next message with, for the relayed types, its original frame.
+    pub async fn next_received(&mut self) -> Option<Result<Received, ComfyError>> {
         loop {
             let frame = match self.stream.next().await? {
                 Ok(f) => f,
                 Err(e) => return Some(Err(e.into())),
             };
             match frame {
-                Message::Text(text) => return Some(Ok(parse_text(text.as_str()))),
+                Message::Text(text) => {
+                    return Some(Ok(Received {
+                        message: parse_text(text.as_str()),
+                        relay: RelayFrame::of(text.as_str()),
+                    }));
+                }
                 Message::Binary(bytes) => {
-                    if let Some(msg) = parse_binary(bytes) {
-                        return Some(Ok(msg));
+                    if let Some(message) = parse_binary(bytes) {
+                        return Some(Ok(Received {
+                            message,
+                            relay: None,
+                        }));
                     }
                 }
                 Message::Close(_) => return None,

@@ -11,7 +11,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::Worker;
-use super::comfy::{ComfyError, ComfyMessage, ComfySocket, Queued};
+use super::comfy::{ComfyError, ComfyMessage, ComfySocket, Queued, Received};
 use crate::domain::ids::JobId;
 use crate::domain::job::FailureCause;
 use crate::domain::progress::{NodeInfo, ProgressTracker};
@@ -37,6 +37,7 @@ fn cause(
     node_type: Option<String>,
 ) -> FailureCause {
     FailureCause {
+        node_id: None,
         node_type,
         exception_type: exception_type.into(),
         exception_message: message.into(),
@@ -171,6 +172,7 @@ async fn execute(
     let mut dirty = false;
     let mut cancelling = false;
     let mut succeeded = false;
+    let mut relayed: u64 = 0;
 
     loop {
         let flush_at = match (dirty, last_published) {
@@ -217,9 +219,18 @@ async fn execute(
                 last_published = Some(Instant::now());
                 dirty = false;
             }
-            frame = socket.next() => {
+            frame = socket.next_received() => {
                 let msg = match frame {
-                    Some(Ok(msg)) => msg,
+                    Some(Ok(Received { message, relay })) => {
+                        if let Some(relay) = relay
+                            && relay.prompt_id.as_deref() == Some(prompt_id.as_str())
+                            && !relay.is_end_marker
+                        {
+                            relayed += 1;
+                            worker.publisher.comfy_message(job.tenant_id, job.id, relayed, relay.kind, relay.text).await;
+                        }
+                        message
+                    }
                     Some(Err(_)) | None => {
                         // The socket dropped: reconnect with the same client id and
                         // find out whether ComfyUI still has the prompt.
@@ -271,8 +282,8 @@ async fn execute(
                         publish_progress(worker, job, &tracker, at()).await;
                         dirty = false;
                     }
-                    ComfyMessage::Error { prompt_id: p, node_type, exception_type, exception_message, .. } if p == prompt_id => {
-                        return Outcome::Failed(cause(&exception_type, exception_message, node_type));
+                    ComfyMessage::Error { prompt_id: p, node_id, node_type, exception_type, exception_message } if p == prompt_id => {
+                        return Outcome::Failed(FailureCause { node_id, ..cause(&exception_type, exception_message, node_type) });
                     }
                     ComfyMessage::Interrupted { prompt_id: p, node_type, .. } if p == prompt_id => {
                         return if cancelling {

@@ -580,8 +580,14 @@ async fn the_socket_tells_a_client_about_its_prompt() {
     let body: Value = resp.json().await.unwrap();
     let id = body["prompt_id"].as_str().unwrap().to_string();
     let mut types = Vec::new();
+    let mut statuses = Vec::new();
     loop {
         let m = next_text(&mut ws).await;
+        if m["type"] == "status" {
+            // The tenant's queue changed: broadcast, without a prompt id.
+            statuses.push(m["data"]["status"]["exec_info"]["queue_remaining"].clone());
+            continue;
+        }
         assert_eq!(m["data"]["prompt_id"], id.as_str(), "{m}");
         types.push(m["type"].as_str().unwrap().to_string());
         if m["type"] == "executed" {
@@ -594,11 +600,17 @@ async fn the_socket_tells_a_client_about_its_prompt() {
                 types.push("executing null".into());
                 break;
             }
-            // Per-node `executing` comes from progress snapshots, while it runs.
+            // Per-node `executing` is relayed from the worker's ComfyUI while it runs.
             assert!(!types.iter().any(|t| t == "execution_success"), "{m}");
             types.pop();
         }
+        if ["progress", "progress_state", "execution_cached"].contains(&m["type"].as_str().unwrap())
+        {
+            types.pop();
+        }
     }
+    // Queued (1), then done (0) before the end marker.
+    assert_eq!(statuses, [json!(1), json!(0)]);
     assert_eq!(
         types,
         [
@@ -623,7 +635,10 @@ async fn the_socket_tells_a_client_about_its_prompt() {
         )
         .await;
         let body: Value = resp.json().await.unwrap();
-        let first = next_text(ws).await;
+        let mut first = next_text(ws).await;
+        while first["type"] == "status" {
+            first = next_text(ws).await;
+        }
         assert_eq!(first["type"], "execution_start", "{first}");
         assert_eq!(first["data"]["prompt_id"], body["prompt_id"], "{first}");
     }
@@ -686,4 +701,75 @@ async fn the_socket_reports_sampler_progress() {
     }
     assert!(!steps.is_empty(), "some progress was told");
     assert!(steps.windows(2).all(|w| w[0] < w[1]), "{steps:?}");
+}
+
+// ---- the recorded traces, replayed against an API pod ---------------------------
+
+/// Server A of the recordings behind one worker (see the sim conformance tests).
+fn recorded_server_a() -> SimConfig {
+    SimConfig {
+        previews: false,
+        step_time: Duration::from_millis(150),
+        node_time: Duration::from_millis(60),
+        models: vec![comfyfleet::sim::ModelFile::new(
+            "checkpoints",
+            "random_sd15_fixture.safetensors",
+        )],
+        seed: Some(1),
+        ..SimConfig::default()
+    }
+}
+
+#[tokio::test]
+async fn fleet_conformance_prompt_lifecycles() {
+    let app = spawn_app().await;
+    let t = app.tenant("acme").await;
+    let _w = app.start_worker(recorded_server_a()).await;
+    crate::sim_replay::replay_fleet(
+        &app.base,
+        &t.admin_key,
+        &[
+            "01-ws-handshake-feature-flags.jsonl",
+            "02-prompt-emptyimage-invert-save.jsonl",
+        ],
+    )
+    .await;
+}
+
+/// 03 (uploads into subfolders) is not replayed: the fleet keeps a tenant's uploads
+/// flat (see src/http/comfy.rs). 04 expects the cache 03 left, so it starts afresh.
+#[tokio::test]
+async fn fleet_conformance_cache_and_errors() {
+    let app = spawn_app().await;
+    let t = app.tenant("acme").await;
+    let _w = app.start_worker(recorded_server_a()).await;
+    crate::sim_replay::replay_fleet(
+        &app.base,
+        &t.admin_key,
+        &[
+            "04-cached-resubmit.jsonl",
+            "05-validation-errors.jsonl",
+            "06-runtime-execution-error.jsonl",
+        ],
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn fleet_conformance_sampler_previews() {
+    let app = spawn_app().await;
+    let t = app.tenant("acme").await;
+    let _w = app
+        .start_worker(SimConfig {
+            previews: true,
+            preview_size: 64,
+            ..recorded_server_a()
+        })
+        .await;
+    crate::sim_replay::replay_fleet(
+        &app.base,
+        &t.admin_key,
+        &["12-ksampler-latent2rgb-previews.jsonl"],
+    )
+    .await;
 }

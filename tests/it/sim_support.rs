@@ -146,12 +146,30 @@ impl Inbox {
     }
 
     pub async fn wait_for(&self, count: usize, what: &str) {
+        self.wait_for_matching(count, what, |_| true).await;
+    }
+
+    /// Waits until `count` frames that `counts` accepts have arrived.
+    pub async fn wait_for_matching(
+        &self,
+        count: usize,
+        what: &str,
+        counts: impl Fn(&Frame) -> bool,
+    ) {
         let ok = tokio::time::timeout(DEADLINE, async {
             loop {
                 let notified = self.arrived.notified();
                 tokio::pin!(notified);
                 notified.as_mut().enable();
-                if self.frames.lock().unwrap().len() >= count {
+                if self
+                    .frames
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .filter(|(f, _, _)| counts(f))
+                    .count()
+                    >= count
+                {
                     return;
                 }
                 notified.await;
