@@ -36,7 +36,7 @@ fn round_trip(graph: &ApiGraph, catalogue: &NodeCatalogue) -> (UiWorkflow, ApiGr
     (workflow, back)
 }
 
-fn node<'a>(workflow: &'a UiWorkflow, id: u64) -> &'a UiNode {
+fn node(workflow: &UiWorkflow, id: u64) -> &UiNode {
     workflow
         .nodes
         .iter()
