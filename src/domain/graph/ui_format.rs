@@ -319,14 +319,13 @@ const ROW_GAP: f64 = 40.0;
 
 /// A size at least as large as the editor computes on load (it grows nodes that are
 /// too small, which would make neighbours overlap; never shrinks them).
-fn estimate_size(node: &UiNode, slots: &[WidgetSlot<'_>]) -> [f64; 2] {
-    let title = node.title.as_deref().unwrap_or(&node.class_type);
+fn estimate_size(title: &str, inputs: usize, outputs: usize, slots: &[WidgetSlot<'_>]) -> [f64; 2] {
     let text_width = 10.0 * title.chars().count() as f64 + 60.0;
     let mut width = text_width.max(220.0);
     if !slots.is_empty() {
         width = width.max(320.0);
     }
-    let rows = node.inputs.len().max(node.outputs.len()) as f64;
+    let rows = inputs.max(outputs) as f64;
     let mut height = rows * SLOT_HEIGHT + slots.len() as f64 * WIDGET_HEIGHT + 16.0;
     for slot in slots {
         if let WidgetSlot::Input(def) = slot
@@ -476,12 +475,18 @@ pub fn to_workflow(
             properties.insert(KEPT_PROPERTY.into(), Value::Object(kept));
         }
 
-        let mut ui = UiNode {
+        let size = estimate_size(&title, inputs.len(), schema.output.len(), &slots);
+        placed.push(Placed {
+            depth: depth[id.as_str()],
+            order: order_index[id],
+            size,
+        });
+        nodes.push(UiNode {
             id: ui_id,
             class_type,
             title: Some(title),
             pos: [0.0, 0.0],
-            size: [0.0, 0.0],
+            size,
             flags: Map::new(),
             order: order_index[id],
             mode: 0,
@@ -489,15 +494,7 @@ pub fn to_workflow(
             outputs: Vec::new(),
             properties,
             widgets_values,
-        };
-        placed.push(Placed {
-            depth: depth[id.as_str()],
-            order: order_index[id],
-            size: [0.0, 0.0],
         });
-        ui.size = estimate_size(&ui, &slots);
-        placed.last_mut().expect("just pushed").size = ui.size;
-        nodes.push(ui);
     }
 
     // Outputs last: they list the links other nodes made to them.

@@ -377,6 +377,16 @@ fn assert_layout_readable(graph: &ApiGraph, workflow: &UiWorkflow) {
             }
         }
         assert!(a.pos[0] >= 0.0 && top_of(a) >= 0.0);
+        // Room for every slot row and widget, or the editor grows the node on load
+        // and it overlaps its neighbours after all.
+        let rows = a.inputs.len().max(a.outputs.len()) as f64;
+        let needed = rows * SLOT_HEIGHT + a.widgets_values.len() as f64 * WIDGET_HEIGHT;
+        assert!(
+            a.size[1] >= needed,
+            "{:?} is {} high, needs {needed}",
+            a.id,
+            a.size[1]
+        );
     }
 }
 
