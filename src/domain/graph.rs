@@ -19,6 +19,7 @@ use serde_json::{Map, Value};
 use super::node_catalogue::NodeCatalogue;
 
 mod pyfmt;
+pub mod ui_format;
 mod validate;
 
 /// A node id: the string key of a prompt object.

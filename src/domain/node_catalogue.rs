@@ -57,6 +57,12 @@ pub struct NodeSchema {
     /// Output nodes are what a prompt executes towards; a prompt without one is rejected.
     #[serde(default)]
     pub output_node: bool,
+    /// Slot labels, by output slot (`"IMAGE"`, `"MASK"`); the editor shows these.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub output_name: Vec<Value>,
+    /// The title the editor gives a new node of this class.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub display_name: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]

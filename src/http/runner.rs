@@ -8,15 +8,16 @@ use poem_openapi::payload::{self, Binary, Json};
 use poem_openapi::types::Any;
 use poem_openapi::types::multipart::Upload;
 use poem_openapi::{ApiResponse, Multipart, Object, OpenApi};
-use serde_json::{Value, json};
+use serde_json::{Map, Value, json};
 
-use super::problem::Problem;
 pub use super::runner_types::{ManifestView, RunStatus, RunnerError};
 use super::security::Auth;
 use super::uploads::file_response;
 use super::{ApiTags, AppState};
+use crate::domain::graph::{ApiGraph, ui_format};
 use crate::domain::ids::JobId;
 use crate::domain::job::JobStatus;
+use crate::domain::node_catalogue::NodeCatalogue;
 use crate::files::{ObjectKey, SafeFilename, SafeSubfolder};
 use crate::jobs::{SubmitOptions, WorkSpec};
 use crate::store::inputs::InputStatus;
@@ -168,6 +169,40 @@ async fn find_job(
         .ok_or_else(|| RunnerError::not_found("job"))
 }
 
+/// The node schemas of the classes `graph` uses, as the fleet's fresh workers report
+/// them (the newest worker's schema of a class wins, as in door validation).
+async fn fleet_catalogue(state: &AppState, graph: &ApiGraph) -> Result<NodeCatalogue, RunnerError> {
+    let classes: Vec<String> = graph
+        .class_types()
+        .into_iter()
+        .map(str::to_string)
+        .collect();
+    let schemas = state
+        .store
+        .fleet_node_schemas(super::comfy::FRESH_WORKER_SECS, &classes)
+        .await?
+        .unwrap_or_default();
+    let mut union = Map::new();
+    for (class, schema) in schemas {
+        union.entry(class).or_insert(schema);
+    }
+    serde_json::from_value(Value::Object(union)).map_err(|e| {
+        tracing::error!(error = %e, "a worker reported a node schema we cannot read");
+        RunnerError::detail(500, json!("the fleet's node schemas could not be read"))
+    })
+}
+
+/// A graph the fleet's schemas cannot describe is the fleet's gap (503, it may be
+/// filled when another worker comes); anything else is a broken catalogue graph.
+fn conversion_error(e: ui_format::UiFormatError) -> RunnerError {
+    if e.is_schema_gap() {
+        RunnerError::detail(503, json!(e.to_string()))
+    } else {
+        tracing::error!(error = %e, "a built graph could not be converted to the UI format");
+        RunnerError::detail(500, json!(e.to_string()))
+    }
+}
+
 fn parse_params(raw: Option<&str>) -> Result<Value, RunnerError> {
     match raw.map(str::trim).filter(|s| !s.is_empty()) {
         None => Ok(json!({})),
@@ -214,6 +249,11 @@ impl RunnerApi {
     }
 
     /// Build a workflow with parameters applied, without running it.
+    ///
+    /// `format=api` (default) answers the ComfyUI API-format graph; `format=workflow`
+    /// answers ComfyUI's UI format (nodes laid out left to right, widget values, links
+    /// table), converted with the node schemas the fleet's workers report. A 503 says
+    /// which node class no fresh worker reports.
     #[oai(
         path = "/api/run/:workflow_id/build",
         method = "post",
@@ -232,18 +272,16 @@ impl RunnerApi {
         let built = state
             .jobs
             .build(&workflow_id, &params, uploaded.as_deref())?;
-        match format.0.unwrap_or(BuildFormat::Api) {
-            BuildFormat::Api => Ok(Json(Any(
-                serde_json::to_value(&built.graph).expect("a graph serialises")
-            ))),
+        let body = match format.0.unwrap_or(BuildFormat::Api) {
+            BuildFormat::Api => serde_json::to_value(&built.graph),
             BuildFormat::Workflow => {
-                Err(RunnerError::NotImplemented(Json(Box::new(Problem::new(
-                    poem::http::StatusCode::NOT_IMPLEMENTED,
-                    "not_implemented",
-                    "format=workflow (ComfyUI's UI format) is not available yet; use format=api",
-                )))))
+                let catalogue = fleet_catalogue(&state, &built.graph).await?;
+                let workflow =
+                    ui_format::to_workflow(&built.graph, &catalogue).map_err(conversion_error)?;
+                serde_json::to_value(&workflow)
             }
-        }
+        };
+        Ok(Json(Any(body.expect("plain data serialises"))))
     }
 
     /// Run a workflow. Seeds of -1 are drawn at random and reported in `seeds`.

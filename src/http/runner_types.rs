@@ -6,7 +6,7 @@ use poem_openapi::types::Any;
 use poem_openapi::{ApiResponse, Object};
 use serde_json::{Value, json};
 
-use super::problem::{ApiError, Problem};
+use super::problem::ApiError;
 use crate::catalog::Workflow;
 use crate::jobs::SubmitError;
 
@@ -137,9 +137,10 @@ pub enum RunnerError {
     /// Something failed on our side.
     #[oai(status = 500)]
     Internal(Json<Detail>),
-    /// The requested format is not available yet.
-    #[oai(status = 501, content_type = "application/problem+json")]
-    NotImplemented(Json<Box<Problem>>),
+    /// No fresh worker reports the node schemas the request needs (`build` with
+    /// `format=workflow`), or they do not fit the workflow's graph.
+    #[oai(status = 503)]
+    Unavailable(Json<Detail>),
 }
 
 impl RunnerError {
@@ -152,6 +153,7 @@ impl RunnerError {
             404 => Self::NotFound(body),
             409 => Self::Conflict(body),
             413 => Self::TooLarge(body),
+            503 => Self::Unavailable(body),
             _ => Self::Internal(body),
         }
     }

@@ -1,9 +1,13 @@
-//! The Runner API (seed 004), the parts that need no worker.
+//! The Runner API (seed 004).
 
 use reqwest::multipart::Form;
 use serde_json::{Value, json};
 
-use crate::support::{expect_problem, spawn_app};
+use comfyfleet::domain::graph::ui_format::{self, UiWorkflow};
+use comfyfleet::domain::node_catalogue::NodeCatalogue;
+use comfyfleet::sim::SimConfig;
+
+use crate::support::{TestApp, eventually, spawn_app};
 
 #[tokio::test]
 async fn manifests_are_listed_and_served_in_the_seed_shape() {
@@ -117,16 +121,6 @@ async fn build_applies_params_and_names_every_bad_one() {
         .await
         .unwrap();
     assert_eq!(not_json.status(), 400);
-
-    let ui = app
-        .http
-        .post(app.url("/api/run/sdxl-txt2img/build?format=workflow"))
-        .header("X-API-Key", &t.admin_key)
-        .multipart(Form::new().text("params", "{}"))
-        .send()
-        .await
-        .unwrap();
-    expect_problem(ui, 501).await;
 }
 
 #[tokio::test]
@@ -195,4 +189,88 @@ async fn execute_resolves_random_seeds_and_status_starts_pending() {
         .await
         .unwrap();
     assert_eq!(unknown_job.status(), 404);
+}
+
+async fn build(
+    app: &TestApp,
+    key: &str,
+    workflow: &str,
+    format: &str,
+    params: &str,
+) -> reqwest::Response {
+    app.http
+        .post(app.url(&format!("/api/run/{workflow}/build?format={format}")))
+        .header("X-API-Key", key)
+        .multipart(Form::new().text("params", params.to_owned()))
+        .send()
+        .await
+        .unwrap()
+}
+
+/// `format=workflow` answers ComfyUI's UI format of the very graph `format=api` gives:
+/// converted back with the fleet's own schemas, it is that graph exactly.
+#[tokio::test]
+async fn build_as_workflow_converts_back_to_the_api_graph() {
+    let app = spawn_app().await;
+    let t = app.tenant("acme").await;
+    let _worker = app.start_worker(SimConfig::default()).await;
+    // A fixed seed: -1 would draw a different one per build.
+    let params = r#"{"prompt": "a lighthouse", "seed": 1234, "steps": 12}"#;
+
+    // The worker reports its /object_info in the background after it starts.
+    let workflow: Value = eventually(30, || async {
+        let resp = build(&app, &t.admin_key, "sdxl-txt2img", "workflow", params).await;
+        match resp.status().as_u16() {
+            200 => Some(resp.json().await.unwrap()),
+            503 => None,
+            other => panic!("unexpected {other}: {}", resp.text().await.unwrap()),
+        }
+    })
+    .await;
+    let api_resp = build(&app, &t.admin_key, "sdxl-txt2img", "api", params).await;
+    assert_eq!(api_resp.status(), 200);
+    let api: Value = api_resp.json().await.unwrap();
+
+    assert_eq!(workflow["version"], json!(0.4));
+    assert_eq!(workflow["nodes"].as_array().unwrap().len(), 7);
+    assert_eq!(workflow["links"].as_array().unwrap().len(), 9);
+    let ksampler = workflow["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["type"] == "KSampler")
+        .unwrap();
+    assert_eq!(ksampler["widgets_values"][0], 1234);
+    assert_eq!(ksampler["widgets_values"][1], "fixed");
+    assert_eq!(ksampler["widgets_values"][2], 12);
+
+    let object_info: Value = app
+        .http
+        .get(app.url("/api/object_info"))
+        .header("X-API-Key", &t.admin_key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let catalogue = NodeCatalogue::from_object_info(&object_info.to_string()).unwrap();
+    let ui: UiWorkflow = serde_json::from_value(workflow).unwrap();
+    let back = ui_format::to_api(&ui, &catalogue).unwrap();
+    assert_eq!(serde_json::to_value(&back).unwrap(), api);
+}
+
+#[tokio::test]
+async fn build_as_workflow_without_workers_says_which_schema_is_missing() {
+    let app = spawn_app().await;
+    let t = app.tenant("acme").await;
+    let resp = build(&app, &t.admin_key, "sdxl-txt2img", "workflow", "{}").await;
+    let status = resp.status();
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(
+        body["detail"],
+        "no worker reports the schema of node class CheckpointLoaderSimple (node 1)",
+        "{body}"
+    );
 }
