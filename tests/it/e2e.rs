@@ -204,8 +204,26 @@ impl Browser {
     }
 
     async fn click(&self, css: &str) {
-        let id = self.element(css).await;
-        self.post(&format!("/element/{id}/click"), json!({})).await;
+        // A live page may re-render the element between finding and clicking it.
+        for _ in 0..3 {
+            let id = self.element(css).await;
+            let resp = self
+                .http
+                .post(format!("{}/element/{id}/click", self.session))
+                .json(&json!({}))
+                .send()
+                .await
+                .expect("chromedriver answers");
+            if resp.status().is_success() {
+                return;
+            }
+            let body: Value = resp.json().await.unwrap_or(Value::Null);
+            assert_eq!(
+                body["value"]["error"], "stale element reference",
+                "click {css}: {body}"
+            );
+        }
+        panic!("[{}] {css} kept being replaced while clicked", self.name);
     }
 
     /// Clears the field, then types into it as a person would.
@@ -305,6 +323,8 @@ async fn a_person_runs_a_workflow_watches_it_and_cancels_another_in_the_browser(
     let files = tempfile::tempdir().unwrap();
     let image = input_png(files.path());
 
+    // Only this test writes there: start from an empty folder.
+    let _ = std::fs::remove_dir_all(screenshot_dir());
     let b = driver.browser("acme").await;
 
     // A signed-out visit lands on the login page and comes back after signing in.
@@ -503,6 +523,22 @@ async fn a_person_runs_a_workflow_watches_it_and_cancels_another_in_the_browser(
     )
     .await;
     b.screenshot("09-queue-running").await;
+
+    // The socket drops: the page says it is reconnecting, then resumes the feed.
+    b.js(
+        "const conn = document.querySelector('#conn'); window.sawReconnecting = false; \
+         new MutationObserver(() => { if (!conn.hidden && /reconnecting/i.test(conn.textContent)) \
+           window.sawReconnecting = true; }).observe(conn, { attributes: true, childList: true }); \
+         window.comfyfleet.stream.socket.close();",
+        json!([]),
+    )
+    .await;
+    b.wait_for(
+        "\"reconnecting…\" shown, then the socket back",
+        "window.sawReconnecting && document.querySelector('#conn').hidden && \
+         window.comfyfleet.stream.socket.readyState === 1",
+    )
+    .await;
     b.click(&cancel).await;
     b.wait_for(
         "the cancelled job among the finished",
@@ -517,6 +553,20 @@ async fn a_person_runs_a_workflow_watches_it_and_cancels_another_in_the_browser(
     )
     .await;
     b.screenshot("10-cancelled").await;
+    // History, then live, across the drop: each event once, newest on top.
+    let ids = b
+        .js(
+            "return [...document.querySelectorAll('#activity-list li')] \
+               .map(li => Number(li.dataset.id.replace('evt_', '')));",
+            json!([]),
+        )
+        .await;
+    let ids: Vec<i64> = serde_json::from_value(ids).unwrap();
+    assert!(ids.len() >= 8, "the panel shows both jobs' events: {ids:?}");
+    assert!(
+        ids.windows(2).all(|w| w[0] > w[1]),
+        "no duplicates, newest first: {ids:?}"
+    );
     let job = app.job(&acme.admin_key, &second).await;
     assert_eq!(job["status"], "cancelled");
 

@@ -192,6 +192,8 @@ export async function startPage(navKey) {
   });
   await startActivity(stream);
   stream.connect();
+  // Reachable from the console (and the e2e test, which drops the socket on purpose).
+  window.comfyfleet = { me, stream };
   return { me, stream };
 }
 
@@ -213,9 +215,9 @@ async function startActivity(stream) {
     while (list.children.length > ACTIVITY_LIMIT) list.lastElementChild.remove();
   };
   try {
+    // The newest 50, oldest first; each is put on top, so the newest ends there.
     const history = await api("/api/admin/events?limit=50");
-    // Newest first from the API; shown newest on top, so add oldest first.
-    for (const event of history.reverse()) {
+    for (const event of history) {
       if (stream.accept(event)) show(event);
     }
   } catch (e) {

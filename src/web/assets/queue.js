@@ -16,7 +16,7 @@ const previews = new Map(); // prompt id → object URL of the latest frame
 function card(job) {
   const name = names.get(job.workflow_id) ?? job.workflow_id ?? "Custom graph";
   const item = el("li", { class: `card job status-${job.status}`, dataset: { id: job.id, status: job.status } });
-  item.append(el("h3", {}, name), el("p", { class: "hint" }, el("code", {}, job.id.slice(0, 8)), ` · ${job.status}`));
+  item.append(el("h3", {}, name), el("p", { class: "hint" }, el("code", {}, job.id.slice(-8)), ` · ${job.status}`));
   if (job.status === "queued" || job.status === "accepted" || job.status === "uploaded") {
     if (job.queue_number) item.append(el("p", { class: "position" }, `Position ${job.queue_number}`));
     if (job.queue_reason) item.append(el("p", { class: "hint" }, job.queue_reason));
@@ -36,7 +36,7 @@ function card(job) {
           type: "button",
           class: "cancel",
           disabled: job.cancel_requested,
-          "aria-label": `Cancel ${name} ${job.id.slice(0, 8)}`,
+          "aria-label": `Cancel ${name} ${job.id.slice(-8)}`,
           onclick: (ev) => cancel(job, ev.currentTarget),
         },
         job.cancel_requested ? "Cancelling…" : "Cancel",
@@ -75,6 +75,34 @@ function paint(item, id) {
   }
 }
 
+/** What a card shows that only a refresh changes; the stream paints the rest. */
+function signature(job) {
+  return [job.status, job.cancel_requested, job.queue_number, job.queue_reason, job.outputs.length].join("|");
+}
+
+/**
+ * Brings a list to `jobs`, keeping the cards that did not change: a refresh must
+ * not take the keyboard focus away from a Cancel button.
+ */
+function update(list, jobs) {
+  if (jobs.length === 0) {
+    if (!list.querySelector(".empty")) list.replaceChildren(el("li", { class: "empty" }, "None"));
+    return;
+  }
+  const old = new Map([...list.children].map((li) => [li.dataset.id, li]));
+  const wanted = jobs.map((job) => {
+    const li = old.get(job.id);
+    if (li && li.dataset.sig === signature(job)) return li;
+    const fresh = card(job);
+    fresh.dataset.sig = signature(job);
+    return fresh;
+  });
+  for (const li of [...list.children]) if (!wanted.includes(li)) li.remove();
+  wanted.forEach((li, i) => {
+    if (list.children[i] !== li) list.insertBefore(li, list.children[i] ?? null);
+  });
+}
+
 async function cancel(job, button) {
   button.disabled = true;
   button.textContent = "Cancelling…";
@@ -96,10 +124,7 @@ async function refresh() {
   refreshing = (async () => {
     try {
       const q = await api("/api/admin/queue");
-      for (const key of Object.keys(sections)) {
-        const jobs = q[key];
-        sections[key].replaceChildren(...(jobs.length ? jobs.map(card) : [el("li", { class: "empty" }, "None")]));
-      }
+      for (const key of Object.keys(sections)) update(sections[key], q[key]);
       message.textContent = "";
     } catch (e) {
       message.textContent = `Could not load the queue: ${e.message}`;
