@@ -216,6 +216,7 @@ pub fn app(state: AppState) -> impl Endpoint {
         .nest("/", api)
         .nest("/docs", docs)
         .at("/openapi.json", spec)
+        .around(crate::web::home)
         .around(security::resolve_credentials)
         // The cookie security scheme reads cookies through poem's jar.
         .with(CookieJarManager::new())

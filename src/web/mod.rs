@@ -8,9 +8,9 @@
 
 use std::sync::LazyLock;
 
-use poem::http::{StatusCode, header};
+use poem::http::{Method, StatusCode, header};
 use poem::web::Path;
-use poem::{Request, Response, Route, get, handler};
+use poem::{Endpoint, IntoResponse, Request, Response, Route, get, handler};
 use sha2::{Digest, Sha256};
 
 use crate::http::security::{StreamCredential, stream_credential};
@@ -73,7 +73,6 @@ static ETAGS: LazyLock<Vec<String>> = LazyLock::new(|| {
 /// page can tell whether the visitor is signed in).
 pub fn routes(route: Route) -> Route {
     route
-        .at("/", get(home))
         .at("/login", get(login))
         .at("/run", get(workflows))
         .at("/run/:workflow_id", get(runner))
@@ -81,9 +80,13 @@ pub fn routes(route: Route) -> Route {
         .at("/assets/:name", get(asset))
 }
 
-#[handler]
-fn home() -> Response {
-    redirect("/run")
+/// `GET /` → `/run`, as a middleware around the router: the API's catch-all nest at
+/// `/` outranks an exact `/` route in poem's route tree.
+pub async fn home<E: Endpoint>(ep: E, req: Request) -> poem::Result<Response> {
+    if req.uri().path() == "/" && req.method() == Method::GET {
+        return Ok(redirect("/run"));
+    }
+    ep.call(req).await.map(IntoResponse::into_response)
 }
 
 #[handler]
@@ -124,7 +127,8 @@ fn asset(req: &Request, Path(name): Path<String>) -> Response {
         .is_some_and(|v| v.split(',').any(|t| t.trim() == etag));
     let builder = Response::builder()
         .header(header::ETAG, etag.as_str())
-        .header(header::CACHE_CONTROL, "no-cache");
+        .header(header::CACHE_CONTROL, "no-cache")
+        .header("x-content-type-options", "nosniff");
     if fresh {
         return builder.status(StatusCode::NOT_MODIFIED).finish();
     }

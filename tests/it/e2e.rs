@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::support::{TestApp, TestTenant, spawn_app};
+use crate::support::{TestApp, TestTenant, session_cookie_of, spawn_app};
 
 const CHROMIUM: &str = "/usr/bin/chromium";
 const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
@@ -598,4 +598,108 @@ async fn a_person_runs_a_workflow_watches_it_and_cancels_another_in_the_browser(
         .await;
     assert_eq!(code, 404, "another tenant's job is not found");
     o.screenshot("11-other-tenant").await;
+}
+
+// ------------------------------------------------------------ the pages over plain HTTP
+
+#[tokio::test]
+async fn a_signed_out_visit_is_sent_to_login_and_a_signed_in_one_gets_the_page() {
+    let app = spawn_app().await;
+    let t = app.tenant("acme").await;
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+
+    let resp = http
+        .get(app.url("/run/wan-i2v-14b?x=1"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 303);
+    assert_eq!(
+        resp.headers()["location"],
+        "/login?next=%2Frun%2Fwan-i2v-14b%3Fx%3D1"
+    );
+    let home = http.get(app.url("/")).send().await.unwrap();
+    assert_eq!(home.status(), 303);
+    assert_eq!(home.headers()["location"], "/run");
+    let login = http.get(app.url("/login")).send().await.unwrap();
+    assert_eq!(login.status(), 200);
+    assert!(login.text().await.unwrap().contains("/assets/login.js"));
+
+    let signed_in = http
+        .post(app.url("/api/auth/login"))
+        .json(&json!({"email": t.admin_email, "password": t.admin_password}))
+        .send()
+        .await
+        .unwrap();
+    let (cookie, _) = session_cookie_of(&signed_in);
+    for (path, script) in [
+        ("/run", "workflows.js"),
+        ("/run/wan-i2v-14b", "runner.js"),
+        ("/admin/queue", "queue.js"),
+    ] {
+        let resp = http
+            .get(app.url(path))
+            .header("cookie", &cookie)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "{path}");
+        assert_eq!(resp.headers()["content-type"], "text/html; charset=utf-8");
+        assert_eq!(resp.headers()["cache-control"], "no-store");
+        let html = resp.text().await.unwrap();
+        assert!(html.contains(&format!("/assets/{script}")), "{path}");
+        assert!(
+            html.contains("id=\"activity\""),
+            "{path} has the Activity panel"
+        );
+    }
+    // A refused cookie is treated as none.
+    let stale = http
+        .get(app.url("/admin/queue"))
+        .header("cookie", "comfyfleet_session=not-a-token")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stale.status(), 303);
+}
+
+#[tokio::test]
+async fn assets_have_their_content_type_and_revalidate_by_etag() {
+    let app = spawn_app().await;
+    for (name, ct) in [
+        ("app.css", "text/css; charset=utf-8"),
+        ("app.js", "text/javascript; charset=utf-8"),
+        ("runner.js", "text/javascript; charset=utf-8"),
+    ] {
+        let resp = app
+            .http
+            .get(app.url(&format!("/assets/{name}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "{name}");
+        assert_eq!(resp.headers()["content-type"], ct, "{name}");
+        assert_eq!(resp.headers()["x-content-type-options"], "nosniff");
+        let etag = resp.headers()["etag"].to_str().unwrap().to_string();
+        assert!(!resp.bytes().await.unwrap().is_empty());
+        let again = app
+            .http
+            .get(app.url(&format!("/assets/{name}")))
+            .header("if-none-match", &etag)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(again.status(), 304, "{name}");
+        assert_eq!(again.headers()["etag"], etag.as_str());
+    }
+    let missing = app
+        .http
+        .get(app.url("/assets/nope.js"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), 404);
 }
