@@ -481,6 +481,17 @@ async fn a_person_runs_a_workflow_watches_it_and_cancels_another_in_the_browser(
     b.screenshot("07-phone").await;
     b.set_width(1280, 900).await;
 
+    // The address names the run, so a reload comes back to it.
+    let here = b.current_url().await;
+    assert!(here.ends_with(&format!("?prompt_id={first}")), "{here}");
+    b.goto(&here).await;
+    b.wait_for(
+        "the finished run shown again after a reload",
+        "document.querySelector('.run')?.dataset.status === 'completed' && \
+         document.querySelector('#result-media')?.readyState >= 2",
+    )
+    .await;
+
     // The Queue page shows it finished, with a duration.
     b.click("nav a[data-nav=queue]").await;
     b.wait_for(

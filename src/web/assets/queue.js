@@ -16,7 +16,10 @@ const previews = new Map(); // prompt id → object URL of the latest frame
 function card(job) {
   const name = names.get(job.workflow_id) ?? job.workflow_id ?? "Custom graph";
   const item = el("li", { class: `card job status-${job.status}`, dataset: { id: job.id, status: job.status } });
-  item.append(el("h3", {}, name), el("p", { class: "hint" }, el("code", {}, job.id.slice(-8)), ` · ${job.status}`));
+  const title = job.workflow_id
+    ? el("a", { href: `/run/${encodeURIComponent(job.workflow_id)}?prompt_id=${encodeURIComponent(job.id)}` }, name)
+    : name;
+  item.append(el("h3", {}, title), el("p", { class: "hint" }, el("code", {}, job.id.slice(-8)), ` · ${job.status}`));
   if (job.status === "queued" || job.status === "accepted" || job.status === "uploaded") {
     if (job.queue_number) item.append(el("p", { class: "position" }, `Position ${job.queue_number}`));
     if (job.queue_reason) item.append(el("p", { class: "hint" }, job.queue_reason));

@@ -325,6 +325,7 @@ class RunView {
     const status = await api(`/api/run/status/${encodeURIComponent(this.promptId)}`);
     if (status.status === "completed") this.complete();
     else if (status.status === "error") this.fail(status.error);
+    else if (status.status === "running") this.progress({ ...status, prompt_id: this.promptId });
   }
 
   complete() {
@@ -390,6 +391,8 @@ async function render(stream) {
     try {
       const run = await api(`/api/run/${encodeURIComponent(workflowId)}/execute`, { method: "POST", body });
       view.start(run.prompt_id, run.seeds);
+      // A reload (or a link from the Queue page) comes back to this run.
+      history.replaceState(null, "", `?prompt_id=${encodeURIComponent(run.prompt_id)}`);
       view.box.scrollIntoView({ block: "nearest" });
     } catch (e) {
       showErrors(e, general);
@@ -397,6 +400,17 @@ async function render(stream) {
       runButton.disabled = false;
     }
   });
+
+  const resume = new URLSearchParams(location.search).get("prompt_id");
+  if (resume) {
+    try {
+      const job = await api(`/developer/api/v1/jobs/${encodeURIComponent(resume)}`);
+      view.start(job.id, job.seeds);
+      await view.refresh();
+    } catch (e) {
+      general.textContent = `Run ${resume}: ${e.message}`;
+    }
+  }
 
   stream.on("progress", (p) => view.progress(p));
   stream.on("preview", (f) => view.previewFrame(f));
