@@ -16,6 +16,7 @@
 //! - [`dev`]        `comfyfleet dev`: the whole thing on a laptop, zero configuration.
 //! - [`sim`]        `comfyfleet sim`: a ComfyUI-protocol server that simulates execution, usable in-process.
 //! - [`telemetry`]  structured logging setup.
+//! - [`web`]        the built-in pages (Login, Workflows, Runner, Queue, Activity), embedded.
 //! - [`worker`]     the worker pod: claim, run on ComfyUI, publish progress, finish.
 
 // Validation errors carry ComfyUI's whole 400 body (JSON maps that keep key order),
@@ -38,4 +39,5 @@ pub mod publish;
 pub mod sim;
 pub mod store;
 pub mod telemetry;
+pub mod web;
 pub mod worker;

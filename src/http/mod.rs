@@ -208,14 +208,15 @@ pub fn app(state: AppState) -> impl Endpoint {
     let api = api_service();
     let docs = api.swagger_ui();
     let spec = api.spec_endpoint();
-    // ComfyUI's own routes (`/prompt`, `/api/prompt`, …) beside the OpenAPI ones.
-    comfy::routes(Route::new())
+    // The built-in pages, then ComfyUI's own routes (`/prompt`, `/api/prompt`, …).
+    crate::web::routes(comfy::routes(Route::new()))
         .at("/files/*path", poem::get(uploads::serve_signed))
         .at("/api/run/ws", poem::get(session_ws::session_ws))
         .at("/developer/api/v1/ws", poem::get(cloud_ws::cloud_ws))
         .nest("/", api)
         .nest("/docs", docs)
         .at("/openapi.json", spec)
+        .around(crate::web::home)
         .around(security::resolve_credentials)
         // The cookie security scheme reads cookies through poem's jar.
         .with(CookieJarManager::new())

@@ -7,6 +7,7 @@ mod auth;
 mod bus;
 mod cli;
 mod comfy;
+mod e2e;
 mod files;
 mod jobs;
 mod keys_users;
