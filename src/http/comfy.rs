@@ -26,6 +26,15 @@
 //!   tenant's job record, which other surfaces also read.
 //! - `/upload/image` stores every image flat in the tenant's inputs and answers
 //!   `subfolder: ""`, so the returned `name` is what a LoadImage node references.
+//! - Saved outputs are kept; a worker's temp files (PreviewImage) are not, so no
+//!   `executed` names them and `/view?type=temp` finds nothing. `/view` serves files
+//!   as stored (`preview=webp;50` is not re-encoded).
+//! - `executed` is sent once the job's outputs are stored, just before
+//!   `execution_success`, rather than as each output node finishes.
+//! - History keeps no `execution_cached` message, and an error report leaves the
+//!   traceback, `executed` and the node's inputs and outputs on the worker.
+//! - A partly valid prompt is queued as just its valid outputs and what they need, so
+//!   `/queue` and `/history` show that graph.
 
 use std::collections::{HashMap, HashSet};
 
@@ -144,7 +153,7 @@ pub(super) fn caller(req: &Request) -> Result<(AppState, TenantId), Response> {
             StatusCode::UNAUTHORIZED,
             "unauthorized",
             "authentication required: send X-API-Key, Authorization: Bearer <key>, \
-             ?api_key=<key>, or sign in for a session cookie",
+             ?api_key=<key>, HTTP Basic with the key as password, or sign in for a session cookie",
         )
         .into_poem_response()),
     }

@@ -25,6 +25,11 @@ pub const API_KEY_QUERY: &str = "api_key";
 pub enum CredentialForm {
     Header,
     Bearer,
+    /// `Authorization: Basic` with the key as the password (or as the user name when
+    /// the password is empty): what ComfyUI client libraries that take a user and a
+    /// password send, on HTTP and in the WebSocket URL alike. Streams and the ComfyUI
+    /// dialect only; the OpenAPI operations do not list it.
+    Basic,
     Cookie,
     Query,
 }
@@ -117,11 +122,32 @@ fn presented_credential(req: &Request) -> Option<(CredentialForm, String)> {
         {
             return Some((CredentialForm::Bearer, token.trim().to_string()));
         }
+        if let Some(encoded) = v
+            .strip_prefix("Basic ")
+            .or_else(|| v.strip_prefix("basic "))
+        {
+            return Some((
+                CredentialForm::Basic,
+                basic_key(encoded).unwrap_or_default(),
+            ));
+        }
     }
     if let Some(token) = session_cookie(req) {
         return Some((CredentialForm::Cookie, token));
     }
     query_api_key(req).map(|k| (CredentialForm::Query, k))
+}
+
+/// The API key in a Basic credential: the password, or the user name when the
+/// password is empty (`key:` and `anything:key` both work).
+fn basic_key(encoded: &str) -> Option<String> {
+    use base64::Engine;
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(encoded.trim())
+        .ok()?;
+    let pair = String::from_utf8(raw).ok()?;
+    let (user, password) = pair.split_once(':').unwrap_or((pair.as_str(), ""));
+    Some(if password.is_empty() { user } else { password }.to_owned())
 }
 
 fn session_cookie(req: &Request) -> Option<String> {

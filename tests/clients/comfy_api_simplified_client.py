@@ -1,7 +1,9 @@
 """Drives a ComfyUI server with comfy-api-simplified (PyPI), used unmodified.
 
-Usage: python comfy_api_simplified_client.py BASE_URL OUT_DIR
-Writes what the library returned into OUT_DIR and prints a JSON summary.
+Usage: python comfy_api_simplified_client.py BASE_URL OUT_DIR [API_KEY]
+Writes what the library returned into OUT_DIR and prints a JSON summary. With an
+API key (comfyfleet), the key goes in as the library's password: the only change
+from pointing it at a local ComfyUI.
 It must fail loudly if the library is not installed: that is part of the test.
 """
 
@@ -12,7 +14,8 @@ import sys
 from comfy_api_simplified import ComfyApiWrapper, ComfyWorkflowWrapper
 
 base, out_dir = sys.argv[1], sys.argv[2]
-api = ComfyApiWrapper(base)
+api_key = sys.argv[3] if len(sys.argv) > 3 else ""
+api = ComfyApiWrapper(base, user="apikey", password=api_key) if api_key else ComfyApiWrapper(base)
 
 # 1. Queue, wait on the WebSocket, then download the outputs over /history + /view.
 still = ComfyWorkflowWrapper({

@@ -773,3 +773,222 @@ async fn fleet_conformance_sampler_previews() {
     )
     .await;
 }
+
+/// A published ComfyUI client library (comfy-api-simplified, PyPI), unmodified, runs
+/// a workflow through the fleet with only the URL and the key changed: it queues over
+/// HTTP, waits on the WebSocket (taking the binary previews), and downloads outputs.
+#[tokio::test]
+async fn a_published_client_library_runs_on_the_fleet() {
+    let app = spawn_app().await;
+    let t = app.tenant("acme").await;
+    let _w = app
+        .start_worker(SimConfig {
+            step_time: Duration::from_millis(100),
+            preview_size: 64,
+            ..SimConfig::default()
+        })
+        .await;
+    crate::sim::drive_comfy_api_simplified(&app.base, Some(&t.admin_key)).await;
+}
+
+/// Reconnecting with the same clientId on another pod closes the old socket (4009)
+/// and tells the new one the node the client's prompt is on, as ComfyUI does for a
+/// reconnect; the prompt's messages then follow the new socket. Another tenant's
+/// socket with the same clientId is not touched.
+#[tokio::test]
+async fn a_client_id_reconnecting_on_another_pod_takes_over() {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+
+    let app = spawn_app().await;
+    let peer = app.spawn_peer().await;
+    let t = app.tenant("acme").await;
+    let other = app.tenant("globex").await;
+    let _w = app
+        .start_worker(SimConfig {
+            step_time: Duration::from_millis(150),
+            ..SimConfig::default()
+        })
+        .await;
+    let ws_url = |base: &str, key: &str| {
+        format!(
+            "{}/ws?clientId=same&api_key={key}",
+            base.replacen("http://", "ws://", 1)
+        )
+    };
+    let (mut old, _) = tokio_tungstenite::connect_async(ws_url(&app.base, &t.admin_key))
+        .await
+        .unwrap();
+    let (mut bystander, _) = tokio_tungstenite::connect_async(ws_url(&peer.base, &other.admin_key))
+        .await
+        .unwrap();
+    assert_eq!(next_text(&mut old).await["data"]["sid"], "same");
+    assert_eq!(next_text(&mut bystander).await["data"]["sid"], "same");
+
+    let built: Value = app
+        .http
+        .post(app.url("/api/run/sdxl-txt2img/build?format=api"))
+        .header("X-API-Key", &t.admin_key)
+        .multipart(Form::new().text("params", r#"{"steps": 24, "width": 512, "height": 512}"#))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let resp = post_plain(
+        &app,
+        &t.admin_key,
+        "/prompt",
+        &json!({"prompt": built, "client_id": "same"}),
+    )
+    .await;
+    let id = resp.json::<Value>().await.unwrap()["prompt_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // Wait until the sampler is running and the fleet's snapshot says so.
+    loop {
+        let m = next_text(&mut old).await;
+        if m["type"] == "progress" && m["data"]["value"].as_u64() >= Some(2) {
+            break;
+        }
+    }
+
+    let (mut new, _) = tokio_tungstenite::connect_async(ws_url(&peer.base, &t.admin_key))
+        .await
+        .unwrap();
+    let hello = next_text(&mut new).await;
+    assert_eq!(hello["data"]["sid"], "same");
+    let resent = next_text(&mut new).await;
+    assert_eq!(
+        resent,
+        json!({"type": "executing", "data": {"node": "5"}}),
+        "the reconnect is told the current node, bare, like ComfyUI"
+    );
+
+    // The old socket is closed with the takeover code.
+    let closed = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            match old.next().await {
+                Some(Ok(Message::Close(frame))) => return frame.map(|f| u16::from(f.code)),
+                Some(Ok(_)) => continue,
+                _ => return None,
+            }
+        }
+    })
+    .await
+    .expect("the old socket is closed in time");
+    assert_eq!(closed, Some(4009));
+
+    // The prompt's messages follow the new socket to the end.
+    let mut progressed = false;
+    loop {
+        let m = next_text(&mut new).await;
+        if m["type"] == "progress" {
+            assert_eq!(m["data"]["prompt_id"], id.as_str());
+            progressed = true;
+        }
+        if m["type"] == "executing" && m["data"]["node"].is_null() {
+            assert_eq!(m["data"]["prompt_id"], id.as_str());
+            break;
+        }
+    }
+    assert!(progressed, "progress continued on the new socket");
+
+    // The other tenant's "same" socket is still open and heard nothing of it.
+    let resp = post_plain(
+        &app,
+        &other.admin_key,
+        "/prompt",
+        &json!({"prompt": invert_graph(), "client_id": "same"}),
+    )
+    .await;
+    let theirs = resp.json::<Value>().await.unwrap()["prompt_id"].clone();
+    loop {
+        let m = next_text(&mut bystander).await;
+        assert_ne!(m["data"]["prompt_id"], id.as_str(), "{m}");
+        if m["type"] == "execution_start" {
+            assert_eq!(m["data"]["prompt_id"], theirs);
+            break;
+        }
+    }
+}
+
+/// `number` counts each tenant's prompts from 0 like a ComfyUI process (negated for
+/// `front`), and a client-chosen `prompt_id` is the prompt's id everywhere.
+#[tokio::test]
+async fn prompt_numbers_and_chosen_ids_are_comfyuis() {
+    let app = spawn_app().await;
+    let t = app.tenant("acme").await;
+    let other = app.tenant("globex").await;
+    let post = |key: String, body: Value| {
+        let app = &app;
+        async move {
+            let resp = post_plain(app, &key, "/prompt", &body).await;
+            (resp.status().as_u16(), resp.json::<Value>().await.unwrap())
+        }
+    };
+    let (_, first) = post(t.admin_key.clone(), json!({"prompt": invert_graph()})).await;
+    let (_, second) = post(t.admin_key.clone(), json!({"prompt": invert_graph()})).await;
+    let (_, front) = post(
+        t.admin_key.clone(),
+        json!({"prompt": invert_graph(), "front": true}),
+    )
+    .await;
+    let (_, theirs) = post(other.admin_key.clone(), json!({"prompt": invert_graph()})).await;
+    assert_eq!(
+        [
+            &first["number"],
+            &second["number"],
+            &front["number"],
+            &theirs["number"]
+        ],
+        [&json!(0), &json!(1), &json!(-2), &json!(0)]
+    );
+
+    let chosen = "5b3c0a57-27a4-4c53-9a43-4d2c1c1f8f0e";
+    let (status, reply) = post(
+        t.admin_key.clone(),
+        json!({"prompt": invert_graph(), "prompt_id": chosen}),
+    )
+    .await;
+    assert_eq!((status, reply["prompt_id"].as_str()), (200, Some(chosen)));
+    let queue: Value = app
+        .http
+        .get(app.url("/queue"))
+        .header("X-API-Key", &t.admin_key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        queue["queue_pending"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|item| item[1] == chosen),
+        "{queue}"
+    );
+    // Taken, by this tenant or any other: ComfyUI's answer to a reused id.
+    for key in [&t.admin_key, &other.admin_key] {
+        let (status, reply) = post(
+            key.clone(),
+            json!({"prompt": invert_graph(), "prompt_id": chosen}),
+        )
+        .await;
+        assert_eq!(status, 400, "{reply}");
+        assert_eq!(reply["error"]["message"], "prompt_id already exists");
+    }
+    // The other tenant still cannot see it.
+    let resp = app
+        .http
+        .get(app.url(&format!("/history/{chosen}")))
+        .header("X-API-Key", &other.admin_key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.json::<Value>().await.unwrap(), json!({}));
+}

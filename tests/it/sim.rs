@@ -411,6 +411,19 @@ async fn sim_seeded_runs_are_deterministic() {
 /// (or set COMFYFLEET_CLIENT_PYTHON to a Python that has it).
 #[tokio::test]
 async fn sim_third_party_client_comfy_api_simplified() {
+    let sim = sim::spawn(SimConfig {
+        step_time: Duration::from_millis(100),
+        preview_size: 64,
+        ..fast()
+    })
+    .await
+    .expect("sim");
+    drive_comfy_api_simplified(&sim.url(), None).await;
+}
+
+/// Runs tests/clients/comfy_api_simplified_client.py against `base` (with `api_key`
+/// as the library's password, if given) and checks what the library got back.
+pub async fn drive_comfy_api_simplified(base: &str, api_key: Option<&str>) {
     let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let venv = root.join("tests/clients/.venv/bin/python");
     let python = std::env::var("COMFYFLEET_CLIENT_PYTHON")
@@ -422,18 +435,12 @@ async fn sim_third_party_client_comfy_api_simplified() {
                 "python3".into()
             }
         });
-    let sim = sim::spawn(SimConfig {
-        step_time: Duration::from_millis(100),
-        preview_size: 64,
-        ..fast()
-    })
-    .await
-    .expect("sim");
     let out = tempfile::tempdir().expect("tempdir");
     let run = tokio::process::Command::new(&python)
         .arg(root.join("tests/clients/comfy_api_simplified_client.py"))
-        .arg(sim.url())
+        .arg(base)
         .arg(out.path())
+        .args(api_key)
         .kill_on_drop(true)
         .output();
     let output = tokio::time::timeout(Duration::from_secs(60), run)
