@@ -126,7 +126,7 @@ impl JobFacts<'_> {
                 cause.exception_type,
                 cause.exception_message
             ),
-            json!({ "status": "failed", "cause": cause, "error": cause.exception_message }),
+            json!({ "status": "failed", "cause": cause.public(), "error": cause.exception_message }),
         )
     }
 

@@ -96,13 +96,24 @@ impl FromStr for JobStatus {
 /// Why a job failed, in seed 003's shape.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FailureCause {
-    /// The graph node that raised, when a node did (ComfyUI's `node_id`); an
-    /// addition to seed 003's shape, left out when absent.
+    /// The graph node that raised, when a node did (ComfyUI's `node_id`). Kept for
+    /// the ComfyUI dialect; the public shape ([`FailureCause::public`]) is seed 003's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node_id: Option<String>,
     pub node_type: Option<String>,
     pub exception_type: String,
     pub exception_message: String,
+}
+
+impl FailureCause {
+    /// Seed 003's `cause`: node type, exception type and message.
+    pub fn public(&self) -> serde_json::Value {
+        serde_json::json!({
+            "node_type": self.node_type,
+            "exception_type": self.exception_type,
+            "exception_message": self.exception_message,
+        })
+    }
 }
 
 #[cfg(test)]

@@ -276,7 +276,7 @@ pub async fn sse_snapshot(state: &AppState, job: &Job) -> Value {
         "prompt": { "prompt_id": job.id.to_string() },
         "queue_number": job.queue_number,
         "outputs": outputs,
-        "cause": job.cause,
+        "cause": job.cause.as_ref().map(|c| c.public()),
         "started_at": job.started_at.map(iso),
         "completed_at": job.completed_at.map(iso),
     })

@@ -59,10 +59,7 @@ impl JobView {
             queue_number: job.queue_number,
             priority: job.priority,
             seeds: Any(job.seeds.clone()),
-            cause: job
-                .cause
-                .as_ref()
-                .map(|c| Any(serde_json::to_value(c).expect("a cause serialises"))),
+            cause: job.cause.as_ref().map(|c| Any(c.public())),
             outputs,
             cancel_requested: job.cancel_requested_at.is_some(),
             queue_reason: None,

@@ -992,3 +992,52 @@ async fn prompt_numbers_and_chosen_ids_are_comfyuis() {
         .unwrap();
     assert_eq!(resp.json::<Value>().await.unwrap(), json!({}));
 }
+
+/// The flow of ComfyUI's own example client (tests/clients/example_flow_client.py:
+/// HTTP `/prompt`, wait on `/ws` for the end marker, `/history` + `/view`) against the
+/// fleet, with the URL and an X-API-Key header as the only changes.
+#[tokio::test]
+async fn the_example_client_flow_runs_on_the_fleet() {
+    let app = spawn_app().await;
+    let t = app.tenant("acme").await;
+    let _w = app.start_worker(SimConfig::default()).await;
+    let out = tempfile::tempdir().expect("tempdir");
+    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let run = tokio::process::Command::new(crate::sim::client_python())
+        .arg(root.join("tests/clients/example_flow_client.py"))
+        .arg(app.base.trim_start_matches("http://"))
+        .arg(&t.admin_key)
+        .arg(out.path())
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(Duration::from_secs(60), run)
+        .await
+        .expect("client finished in time")
+        .expect("python runs");
+    assert!(
+        output.status.success(),
+        "client failed (run scripts/test to install websocket-client):\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let summary: Value = serde_json::from_slice(&output.stdout).expect("summary JSON");
+    let seen: Vec<&str> = summary["seen"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert_eq!(seen.first(), Some(&"status"), "{seen:?}");
+    assert!(
+        seen.contains(&"execution_start") && seen.contains(&"executed"),
+        "{seen:?}"
+    );
+    let saved = summary["saved"].as_array().expect("saved");
+    assert_eq!(saved.len(), 1, "{summary}");
+    let png = image::open(saved[0].as_str().unwrap()).expect("the downloaded image decodes");
+    assert_eq!((png.width(), png.height()), (40, 24));
+    assert_eq!(
+        png.to_rgb8().get_pixel(0, 0).0,
+        [255, 255, 0],
+        "inverted blue"
+    );
+}

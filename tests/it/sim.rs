@@ -421,12 +421,12 @@ async fn sim_third_party_client_comfy_api_simplified() {
     drive_comfy_api_simplified(&sim.url(), None).await;
 }
 
-/// Runs tests/clients/comfy_api_simplified_client.py against `base` (with `api_key`
-/// as the library's password, if given) and checks what the library got back.
-pub async fn drive_comfy_api_simplified(base: &str, api_key: Option<&str>) {
+/// The Python that has the client libraries: scripts/test's venv, or
+/// COMFYFLEET_CLIENT_PYTHON.
+pub fn client_python() -> std::path::PathBuf {
     let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let venv = root.join("tests/clients/.venv/bin/python");
-    let python = std::env::var("COMFYFLEET_CLIENT_PYTHON")
+    std::env::var("COMFYFLEET_CLIENT_PYTHON")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|_| {
             if venv.exists() {
@@ -434,7 +434,14 @@ pub async fn drive_comfy_api_simplified(base: &str, api_key: Option<&str>) {
             } else {
                 "python3".into()
             }
-        });
+        })
+}
+
+/// Runs tests/clients/comfy_api_simplified_client.py against `base` (with `api_key`
+/// as the library's password, if given) and checks what the library got back.
+pub async fn drive_comfy_api_simplified(base: &str, api_key: Option<&str>) {
+    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let python = client_python();
     let out = tempfile::tempdir().expect("tempdir");
     let run = tokio::process::Command::new(&python)
         .arg(root.join("tests/clients/comfy_api_simplified_client.py"))

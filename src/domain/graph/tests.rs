@@ -154,7 +154,8 @@ fn order_outputs_and_class_types() {
         .into_iter()
         .map(NodeId::as_str)
         .collect();
-    assert_eq!(outputs, ["3", "10"]);
+    // In the prompt's own order, which the graph keeps (ComfyUI walks it as sent).
+    assert_eq!(outputs, ["10", "3"]);
     assert_eq!(
         graph.class_types().into_iter().collect::<Vec<_>>(),
         ["EmptyImage", "ImageInvert", "PreviewImage", "SaveImage"]

@@ -403,6 +403,8 @@ impl TestApp {
         self.http
             .get(self.url(&format!("/developer/api/v1/jobs/{id}?wait={secs}")))
             .header("X-API-Key", key)
+            // The long poll may take all of `secs`: outlast the client's default.
+            .timeout(Duration::from_secs(secs + 10))
             .send()
             .await
             .unwrap()
