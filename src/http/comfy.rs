@@ -32,7 +32,8 @@
 //! - `executed` is sent once the job's outputs are stored, just before
 //!   `execution_success`, rather than as each output node finishes.
 //! - History keeps no `execution_cached` message, and an error report leaves the
-//!   traceback, `executed` and the node's inputs and outputs on the worker.
+//!   traceback, `executed` and the node's inputs and outputs on the worker;
+//!   `execution_interrupted` does not say which node was running.
 //! - A partly valid prompt is queued as just its valid outputs and what they need, so
 //!   `/queue` and `/history` show that graph.
 
@@ -52,7 +53,7 @@ use super::comfy_files::{
 use super::comfy_ws::comfy_ws;
 use super::problem::Problem;
 use super::security::{StreamCredential, stream_credential};
-use crate::domain::graph::{ApiGraph, ComfyValidationError};
+use crate::domain::graph::{ApiGraph, ComfyValidationError, NodeId};
 use crate::domain::ids::{JobId, TenantId};
 use crate::domain::job::JobStatus;
 use crate::domain::node_catalogue::NodeCatalogue;
@@ -293,6 +294,24 @@ pub(super) async fn post_prompt(req: &Request, body: Bytes) -> Response {
     for key in ["auth_token_comfy_org", "api_key_comfy_org"] {
         extra_data.remove(key);
     }
+
+    // `partial_execution_targets`: only these outputs are validated and run, so the
+    // graph is cut down to them and what they need before anything else looks at it.
+    let prompt = match request.get("partial_execution_targets") {
+        Some(Value::Array(targets)) => match serde_json::from_value::<ApiGraph>(prompt.clone()) {
+            Ok(graph) => {
+                let targets: Vec<NodeId> = targets
+                    .iter()
+                    .filter_map(Value::as_str)
+                    .filter(|t| graph.node(t).is_some())
+                    .map(NodeId::new)
+                    .collect();
+                serde_json::to_value(graph.only_outputs(&targets)).expect("a graph serialises")
+            }
+            Err(_) => prompt,
+        },
+        _ => prompt,
+    };
 
     // Validation at the door: a typo is answered with ComfyUI's own 400 now, not
     // after the prompt waited for a worker. Without a worker online the job service's
