@@ -738,9 +738,8 @@ async fn fleet_conformance_prompt_lifecycles() {
 
 /// Not replayed on a fleet: 03 (uploads into subfolders: the fleet keeps a tenant's
 /// uploads flat, see src/http/comfy.rs), 07 (interrupting a running prompt while others
-/// queue: the fleet's frames around the interruption differ — an open gap), 08
-/// (reconnect mid-run: covered by the cross-pod takeover test; the recording's
-/// `/history` timing is not matched — an open gap), 10 (`/system_stats` and friends
+/// queue: the fleet's frames around the interruption differ — an open gap), 10
+/// (`/system_stats` and friends
 /// describe one machine), 13 (interrupt mid-node, like 07). 04 expects the cache 03
 /// left, so it starts afresh.
 #[tokio::test]
@@ -755,6 +754,7 @@ async fn fleet_conformance_cache_and_errors() {
             "04-cached-resubmit.jsonl",
             "05-validation-errors.jsonl",
             "06-runtime-execution-error.jsonl",
+            "08-reconnect-during-execution.jsonl",
             "09-binary-saveimagewebsocket.jsonl",
             "11-ksampler-no-previews.jsonl",
         ],

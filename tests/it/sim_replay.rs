@@ -222,6 +222,17 @@ async fn replay_on(base: &str, api_key: Option<&str>, files: &[&str]) {
                         .clone();
                     let path = map_ids(line["path"].as_str().unwrap_or("/").to_owned(), &ids);
                     let url = format!("{base}{path}");
+                    if fleet && path.starts_with("/history/") && resp["body"] != json!({}) {
+                        // The recorded client waited for the queue to drain (a `status`
+                        // frame, which a fleet sends on its own schedule); a fleet lists
+                        // a prompt once its outputs are stored. Wait for that instead.
+                        crate::support::eventually(20, || async {
+                            let body: Value =
+                                http.get(&url).send().await.ok()?.json().await.ok()?;
+                            (body != json!({})).then_some(())
+                        })
+                        .await;
+                    }
                     let req = match line["method"].as_str() {
                         Some("POST") if line.get("form").is_some() => {
                             http.post(&url).multipart(upload_form(&line["form"]))
