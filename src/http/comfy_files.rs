@@ -240,13 +240,44 @@ async fn fleet_object_info(state: &AppState) -> Result<Map<String, Value>, Respo
     Ok(union)
 }
 
+/// The rendered `/object_info` union of this pod, and which workers it was built
+/// from: the documents are large (megabytes per worker), so they are read and
+/// rendered again only when the set of fresh workers changed.
+#[derive(Default)]
+pub struct ObjectInfoCache(tokio::sync::Mutex<Option<(String, Bytes)>>);
+
 #[handler]
 pub(super) async fn object_info(req: &Request) -> Response {
     let (state, _) = caller_or_return!(req);
+    let version = match state
+        .store
+        .fleet_object_info_version(FRESH_WORKER_SECS)
+        .await
+    {
+        Ok(v) => v,
+        Err(e) => return internal(e),
+    };
+    // One rebuild at a time; the others wait for it rather than repeat it.
+    let mut cached = state.object_info.0.lock().await;
+    if let Some((built_from, body)) = cached.as_ref()
+        && *built_from == version
+    {
+        return json_bytes(body.clone());
+    }
     match fleet_object_info(&state).await {
-        Ok(union) => json_response(&Value::Object(union)),
+        Ok(union) => {
+            let body = Bytes::from(Value::Object(union).to_string());
+            *cached = Some((version, body.clone()));
+            json_bytes(body)
+        }
         Err(resp) => resp,
     }
+}
+
+fn json_bytes(body: Bytes) -> Response {
+    Response::builder()
+        .content_type("application/json; charset=utf-8")
+        .body(body)
 }
 
 #[handler]

@@ -67,6 +67,8 @@ pub struct AppState {
     pub redis: Option<redis::Client>,
     pub secure_cookies: bool,
     pub session_ttl: Duration,
+    /// The fleet's `/object_info`, rendered once per change of the worker set.
+    pub object_info: Arc<comfy_files::ObjectInfoCache>,
 }
 
 impl AppState {

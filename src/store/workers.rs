@@ -121,6 +121,20 @@ impl Store {
     /// The schemas of `classes` in the fresh workers' `/object_info`, newest worker
     /// first; `None` when no fresh worker has published one. Reads only the classes
     /// asked for, so checking a prompt does not move whole catalogues.
+    /// Which fresh workers have a catalogue, as one string: it changes exactly when the
+    /// union [`Store::fleet_object_info`] returns may, so a pod can cache that union.
+    pub async fn fleet_object_info_version(&self, fresh_secs: i64) -> Result<String, StoreError> {
+        let (version,): (String,) = sqlx::query_as(
+            "SELECT coalesce(string_agg(id::text, ',' ORDER BY started_at DESC), '') \
+             FROM workers WHERE status <> 'offline' AND object_info IS NOT NULL \
+               AND last_heartbeat_at > now() - make_interval(secs => $1)",
+        )
+        .bind(fresh_secs as f64)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(version)
+    }
+
     pub async fn fleet_node_schemas(
         &self,
         fresh_secs: i64,

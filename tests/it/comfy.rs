@@ -1051,3 +1051,23 @@ async fn the_example_client_flow_runs_on_the_fleet() {
         "inverted blue"
     );
 }
+
+/// `/object_info` is rendered once per set of fresh workers: the empty catalogue of a
+/// fleet without workers is not served once a worker joins.
+#[tokio::test]
+async fn object_info_follows_the_fleet_as_workers_join() {
+    let app = spawn_app().await;
+    let t = app.tenant("acme").await;
+    assert_eq!(
+        get_json(&app, &t.admin_key, "/object_info").await,
+        json!({})
+    );
+    let _w = app.start_worker(SimConfig::default()).await;
+    let all = eventually(20, || async {
+        let all = get_json(&app, &t.admin_key, "/object_info").await;
+        all.get("KSampler").is_some().then_some(all)
+    })
+    .await;
+    // Served again from the pod's rendering, unchanged.
+    assert_eq!(get_json(&app, &t.admin_key, "/api/object_info").await, all);
+}
