@@ -9,14 +9,14 @@
 # the nchan module and redis-tools with apt-get when they are missing. Binds
 # 127.0.0.1 only and stops everything it started.
 #
-# Knobs (environment): FANOUT_CLIENTS (1000), FANOUT_RATES ("60 100 140 180 220"),
+# Knobs (environment): FANOUT_CLIENTS (1000), FANOUT_RATES ("20 40 60 100 140 200"),
 # BIG_CLIENTS (10000), BIG_RATE (10), IDLE_CLIENTS (10000), DURATION (5 s),
 # NCHAN_PORT (18731), OUT (target/bench/compare-<time>).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 FANOUT_CLIENTS=${FANOUT_CLIENTS:-1000}
-FANOUT_RATES=${FANOUT_RATES:-"60 100 140 180 220"}
+FANOUT_RATES=${FANOUT_RATES:-"20 40 60 100 140 200"}
 BIG_CLIENTS=${BIG_CLIENTS:-10000}
 BIG_RATE=${BIG_RATE:-10}
 IDLE_CLIENTS=${IDLE_CLIENTS:-10000}
@@ -102,9 +102,16 @@ http {
 }
 EOF
 "$NGINX" -t -q -c "$NDIR/nginx.conf" -p "$NDIR"
-"$NGINX" -c "$NDIR/nginx.conf" -p "$NDIR"
-for _ in $(seq 100); do [ -s "$NDIR/nginx.pid" ] && break; sleep 0.05; done
-NCHAN_PID=$(cat "$NDIR/nginx.pid")
+start_nchan() {
+  "$NGINX" -c "$NDIR/nginx.conf" -p "$NDIR"
+  for _ in $(seq 100); do [ -s "$NDIR/nginx.pid" ] && break; sleep 0.05; done
+  NCHAN_PID=$(cat "$NDIR/nginx.pid")
+}
+stop_nchan() {
+  kill "$(cat "$NDIR/nginx.pid")"
+  for _ in $(seq 100); do [ -f "$NDIR/nginx.pid" ] || break; sleep 0.05; done
+}
+start_nchan
 NCHAN_VERSION=$(dpkg-query -W -f '${Version}' libnginx-mod-nchan 2>/dev/null || echo unknown)
 NGINX_VERSION=$("$NGINX" -v 2>&1 | sed 's/.*nginx\///')
 say "nchan $NCHAN_VERSION on nginx $NGINX_VERSION at 127.0.0.1:$NCHAN_PORT (master pid $NCHAN_PID)"
@@ -126,12 +133,16 @@ redis-benchmark -h $REDIS_HOST -p $REDIS_PORT -q -n 200000 -c 50 PUBLISH benchco
 cat "$OUT/redis-publish.txt" >&2
 
 # --- the workloads ------------------------------------------------------------
+# idle first, on a fresh nginx: a server that already held 10,000 sockets keeps
+# their memory, and the per-socket figure would read near zero. (The bench starts
+# a fresh comfyfleet pod for every run.)
+both "idle-$IDLE_CLIENTS" idle --clients "$IDLE_CLIENTS" --duration 3
+stop_nchan; start_nchan
 for rate in $FANOUT_RATES; do
   both "fanout-$FANOUT_CLIENTS-r$rate" fanout --clients "$FANOUT_CLIENTS" --rate "$rate" --duration "$DURATION"
 done
 both "fanout-$BIG_CLIENTS-r$BIG_RATE" fanout --clients "$BIG_CLIENTS" --rate "$BIG_RATE" --duration "$DURATION"
 both "slow-$FANOUT_CLIENTS-r100" slow --clients "$FANOUT_CLIENTS" --rate 100 --slow-share 0.1 --duration "$DURATION"
-both "idle-$IDLE_CLIENTS" idle --clients "$IDLE_CLIENTS" --duration 3
 both "previews-4x25" previews --jobs 4 --watchers 25 --rate 10 --size 102400 --duration "$DURATION"
 
 # --- BENCHMARKS.md ------------------------------------------------------------
@@ -177,6 +188,7 @@ rows = [
     ("server RSS after (MiB)", lambda r: srv(r, "rss_mib_after"), 1, False),
     ("server RSS peak (MiB)", lambda r: srv(r, "rss_mib_peak"), 1, False),
     ("RSS per connection (KiB)", lambda r: srv(r, "rss_kib_per_connection"), 1, False),
+    ("load generator CPU (% of a core)", lambda r: r.get("load_generator_cpu_percent"), 0, False),
 ]
 
 lines = []

@@ -29,6 +29,8 @@ pub struct Report {
     pub delivered: u64,
     pub lost: u64,
     pub duplicates: u64,
+    /// Deliveries that arrived after a later message (publishes overlap).
+    pub reordered: u64,
     /// Reading clients whose socket the server closed (or that failed) mid-run.
     pub closed_by_server: u64,
     pub window_secs: f64,
@@ -37,6 +39,9 @@ pub struct Report {
     pub avg_message_bytes: f64,
     pub latency: LatencySummary,
     pub server: Option<ServerFigures>,
+    /// The bench's own CPU over the run (percent of one core): on a shared box the
+    /// load generator competes with the server it measures.
+    pub load_generator_cpu_percent: f64,
 }
 
 /// The server's CPU and memory over the run (all its processes together).
@@ -88,6 +93,7 @@ impl Report {
             delivered: 0,
             lost: 0,
             duplicates: 0,
+            reordered: 0,
             closed_by_server: 0,
             window_secs: 0.0,
             delivered_per_sec: 0.0,
@@ -95,6 +101,7 @@ impl Report {
             avg_message_bytes: 0.0,
             latency: LatencySummary::default(),
             server: None,
+            load_generator_cpu_percent: 0.0,
         }
     }
 
@@ -124,6 +131,7 @@ impl Report {
             ("lost", self.lost.to_string()),
             ("closed", self.closed_by_server.to_string()),
             ("cpu%", server.map_or("-".into(), |s| f1(s.cpu_percent))),
+            ("benchCpu%", f1(self.load_generator_cpu_percent)),
             ("rssMiB", server.map_or("-".into(), |s| f1(s.rss_mib_after))),
             ("peakMiB", server.map_or("-".into(), |s| f1(s.rss_mib_peak))),
             (

@@ -10,12 +10,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 
 use super::report::{Report, ServerFigures};
 use super::stats::{Delivery, Pacer, Probe, SampleBuffer, SharedLatencies};
-use super::system::ServerProcs;
+use super::system::{ServerProcs, cpu_percent};
 use super::target::{ClientSocket, Stream, Target};
 use crate::bus::now_micros;
 use crate::domain::ids::JobId;
@@ -25,6 +26,8 @@ const CONNECT_CONCURRENCY: usize = 128;
 /// How long after the last publish the bench waits for stragglers before counting
 /// what did not arrive as lost.
 const DRAIN: Duration = Duration::from_secs(5);
+/// Publishes in flight at once, at most.
+const MAX_IN_FLIGHT: usize = 64;
 /// Pause between the last subscription and the first publish, so the server has
 /// finished registering every subscriber (nchan registers them in Redis).
 const SETTLE: Duration = Duration::from_millis(500);
@@ -204,19 +207,30 @@ pub async fn deliver(
     }
     let peak = procs.map(|p| tokio::spawn(watch_peak(p.clone(), stop.clone())));
     let before = procs.map(ServerProcs::sample).unwrap_or_default();
+    let me = ServerProcs::with_children(&[std::process::id()]);
+    let me_before = me.sample();
 
     let start = Instant::now();
     let mut published = 0u64;
     let mut publish_errors = 0u64;
-    for seq in 0..total {
+    // Each message goes out at its due time even while earlier ones are still in
+    // flight (nchan answers a POST only after its Redis round trips): a publisher
+    // that waited for each reply would measure its own latency, not the server's.
+    let mut inflight = FuturesUnordered::new();
+    let mut seq = 0;
+    while seq < total || !inflight.is_empty() {
         let due = start + pacer.due(seq);
-        if due > Instant::now() {
-            tokio::time::sleep_until(due.into()).await;
-        }
-        if load.publish(target, seq).await {
-            published += 1;
-        } else {
-            publish_errors += 1;
+        tokio::select! {
+            biased;
+            Some(ok) = inflight.next(), if !inflight.is_empty() => {
+                if ok { published += 1 } else { publish_errors += 1 }
+            }
+            _ = tokio::time::sleep_until(due.into()),
+                if seq < total && inflight.len() < MAX_IN_FLIGHT =>
+            {
+                inflight.push(load.publish(target, seq));
+                seq += 1;
+            }
         }
     }
     let publish_secs = start.elapsed().as_secs_f64();
@@ -225,6 +239,7 @@ pub async fn deliver(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let after = procs.map(ServerProcs::sample).unwrap_or_default();
+    report.load_generator_cpu_percent = cpu_percent(&me_before, &me.sample());
     stop.cancel();
 
     let mut delivery = Delivery::default();
@@ -255,6 +270,7 @@ pub async fn deliver(
     report.expected = expected;
     report.delivered = delivery.received;
     report.duplicates = delivery.duplicates;
+    report.reordered = delivery.reordered;
     report.lost = expected.saturating_sub(delivery.received);
     report.closed_by_server = closed;
     report.window_secs = window;

@@ -159,16 +159,20 @@ impl Pacer {
 }
 
 /// What one client received, for loss accounting. The publisher numbers messages
-/// 0, 1, 2, … and the transports under test keep order, so a sequence number at or
-/// below the highest one seen is a duplicate (or a reordering), never new.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+/// 0, 1, 2, … and may have several in flight, so they can arrive out of order: a
+/// bitmap of the sequence numbers seen tells a late message from a duplicate.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Delivery {
     /// Distinct messages received.
     pub received: u64,
-    /// Messages whose sequence was not above the highest seen.
+    /// Messages received more than once (counted from the second copy on).
     pub duplicates: u64,
+    /// Messages that arrived after one with a higher sequence number.
+    pub reordered: u64,
     /// Bytes of the messages received (payload, not WebSocket framing).
     pub bytes: u64,
+    #[serde(skip)]
+    seen: Vec<u64>,
     #[serde(skip)]
     highest: Option<u64>,
 }
@@ -176,12 +180,19 @@ pub struct Delivery {
 impl Delivery {
     pub fn observe(&mut self, seq: u64, bytes: usize) {
         self.bytes += bytes as u64;
+        let (word, bit) = ((seq / 64) as usize, seq % 64);
+        if word >= self.seen.len() {
+            self.seen.resize(word + 1, 0);
+        }
+        if self.seen[word] & (1 << bit) != 0 {
+            self.duplicates += 1;
+            return;
+        }
+        self.seen[word] |= 1 << bit;
+        self.received += 1;
         match self.highest {
-            Some(h) if seq <= h => self.duplicates += 1,
-            _ => {
-                self.highest = Some(seq);
-                self.received += 1;
-            }
+            Some(h) if seq < h => self.reordered += 1,
+            _ => self.highest = Some(seq),
         }
     }
 
@@ -190,9 +201,11 @@ impl Delivery {
         published.saturating_sub(self.received)
     }
 
+    /// Adds another client's counts (not its bitmap).
     pub fn merge(&mut self, other: &Delivery) {
         self.received += other.received;
         self.duplicates += other.duplicates;
+        self.reordered += other.reordered;
         self.bytes += other.bytes;
     }
 }
@@ -296,22 +309,28 @@ mod tests {
     }
 
     #[test]
-    fn loss_and_duplicates_are_counted() {
+    fn loss_duplicates_and_reordering_are_counted() {
         let mut d = Delivery::default();
-        for seq in [0, 1, 2, 4, 4, 3, 7] {
+        for seq in [0, 1, 2, 4, 4, 3, 7, 200, 3] {
             d.observe(seq, 10);
         }
-        assert_eq!(d.received, 5); // 0 1 2 4 7
-        assert_eq!(d.duplicates, 2); // the second 4, and 3 after 4
-        assert_eq!(d.bytes, 70);
-        assert_eq!(d.lost(8), 3);
+        assert_eq!(d.received, 7); // 0 1 2 3 4 7 200
+        assert_eq!(d.duplicates, 2); // the second 4, the second 3
+        assert_eq!(d.reordered, 1); // 3 after 4
+        assert_eq!(d.bytes, 90);
+        assert_eq!(d.lost(201), 194);
         assert_eq!(d.lost(2), 0);
         let mut total = Delivery::default();
         total.merge(&d);
         total.merge(&d);
         assert_eq!(
-            (total.received, total.duplicates, total.bytes),
-            (10, 4, 140)
+            (
+                total.received,
+                total.duplicates,
+                total.reordered,
+                total.bytes
+            ),
+            (14, 4, 2, 180)
         );
     }
 
