@@ -213,8 +213,11 @@ w("One run by hand: `cargo build --release && target/release/comfyfleet bench fa
 w("")
 
 def order(label):
+    # fanout-1000-r20 before fanout-1000-r100: numbers compare as numbers.
+    kinds = ["fanout", "slow", "idle", "previews"]
     kind = label.split("-")[0]
-    return (["fanout", "slow", "idle", "previews"].index(kind) if kind in ["fanout", "slow", "idle", "previews"] else 9, label)
+    parts = [int(x) if x.isdigit() else x for x in label.replace("-r", "-").split("-")[1:]]
+    return (kinds.index(kind) if kind in kinds else 9, [str(type(p)) for p in parts], parts)
 
 best = {}
 for label in sorted(runs, key=order):

@@ -207,7 +207,7 @@ pub async fn deliver(
     }
     let peak = procs.map(|p| tokio::spawn(watch_peak(p.clone(), stop.clone())));
     let before = procs.map(ServerProcs::sample).unwrap_or_default();
-    let me = ServerProcs::with_children(&[std::process::id()]);
+    let me = ServerProcs::only(&[std::process::id()]);
     let me_before = me.sample();
 
     let start = Instant::now();

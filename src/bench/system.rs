@@ -41,6 +41,13 @@ impl ServerProcs {
         Self { pids: all }
     }
 
+    /// Exactly these processes (the bench itself, without the pod it started).
+    pub fn only(pids: &[u32]) -> Self {
+        Self {
+            pids: pids.to_vec(),
+        }
+    }
+
     pub fn sample(&self) -> ProcSample {
         let mut s = ProcSample {
             at: Some(Instant::now()),
