@@ -212,9 +212,10 @@ impl Delivery {
 
 /// The probe every published message carries: its sequence number and the time it
 /// was published (µs since the Unix epoch), as JSON fields `"seq"` and `"t_us"`.
-/// Both systems deliver it somewhere inside a larger JSON text, so it is found by
-/// scanning rather than by parsing the whole message (the load generator shares the
-/// machine with the pod: its per-message cost is kept small).
+/// Both systems deliver it somewhere inside a larger JSON text (or at the head of a
+/// preview's bytes), so it is found by scanning rather than by parsing the whole
+/// message (the load generator shares the machine with the pod: its per-message cost
+/// is kept small).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Probe {
     pub seq: u64,
