@@ -1,6 +1,7 @@
 //! comfyfleet: a multi-tenant cloud API in front of a fleet of ComfyUI worker pods.
 //!
 //! Module map (one line per module, what it owns):
+//! - [`bench`]      `comfyfleet bench`: the load generator that measures fan-out end to end.
 //! - [`config`]     every setting, typed and validated once; secrets never printed.
 //! - [`domain`]     ids, manifests, prompt graphs and their validation, run parameters; no IO.
 //! - [`catalog`]    the workflow catalogue: loads and validates `manifests/*/`.
@@ -25,6 +26,7 @@
 #![allow(clippy::result_large_err)]
 
 pub mod auth;
+pub mod bench;
 pub mod bus;
 pub mod catalog;
 pub mod commands;

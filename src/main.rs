@@ -1,6 +1,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use comfyfleet::bench::BenchArgs;
 use comfyfleet::commands::{self, CommandError};
 use comfyfleet::config::{ApiArgs, DatabaseArgs, WorkerArgs};
 use comfyfleet::dev::DevArgs;
@@ -34,6 +35,8 @@ enum Command {
     Openapi,
     /// A ComfyUI-protocol server that simulates execution (tests, demos, load tests).
     Sim(SimArgs),
+    /// Load-generate a scenario against an API pod (or nchan) and report the figures.
+    Bench(BenchArgs),
 }
 
 #[derive(Subcommand)]
@@ -107,6 +110,7 @@ fn main() -> ExitCode {
             }
             Command::Openapi => commands::openapi(&mut stdout),
             Command::Sim(args) => commands::sim(args).await,
+            Command::Bench(args) => comfyfleet::bench::run(args, &mut stdout).await,
         }
     });
     match result {

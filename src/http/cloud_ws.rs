@@ -29,6 +29,7 @@
 //! - `4008`: too slow to keep up with lifecycle events: resubscribe with `since`;
 //! - `1001`: the pod is shutting down; `1011`: the log could not be read for a replay.
 
+use futures_util::future::Either;
 use futures_util::{SinkExt, StreamExt};
 use poem::{Request, Response, handler};
 use serde::Deserialize;
@@ -60,16 +61,17 @@ pub async fn cloud_ws(req: &Request) -> Response {
             .finish();
     };
     let credential = stream_credential(req);
-    ws::upgrade(req, move |socket| async move {
-        let mut socket = socket;
-        match credential {
-            StreamCredential::Accepted(principal, _) => {
-                serve(state, principal.tenant_id, socket).await
-            }
-            StreamCredential::Refused(_) | StreamCredential::Missing => {
-                ws::close(&mut socket, ws::CLOSE_UNAUTHENTICATED, "invalid API key").await
-            }
+    // The connection's future is returned as is rather than awaited inside another
+    // `async` block, which would keep a second copy of the captured state for the
+    // socket's whole life.
+    ws::upgrade(req, move |socket| match credential {
+        StreamCredential::Accepted(principal, _) => {
+            Either::Left(serve(state, principal.tenant_id, socket))
         }
+        StreamCredential::Refused(_) | StreamCredential::Missing => Either::Right(async move {
+            let mut socket = socket;
+            ws::close(&mut socket, ws::CLOSE_UNAUTHENTICATED, "invalid API key").await
+        }),
     })
 }
 
@@ -148,7 +150,10 @@ fn error(code: &str, message: impl Into<String>) -> Message {
 
 impl Session {
     async fn run(&mut self) -> Stop {
-        match render::newest_event_id(&self.state, self.tenant, None).await {
+        // The rare paths that await the store are boxed (here, client messages,
+        // replays, a first rendering): a connection task is allocated at the size of
+        // its largest await state, and an idle socket should not pay for them.
+        match Box::pin(render::newest_event_id(&self.state, self.tenant, None)).await {
             Ok(id) => self.baseline = id,
             Err(e) => return replay_failed(&e, None),
         }
@@ -164,7 +169,7 @@ impl Session {
                 read = self.socket.next() => match ws::classify(read) {
                     Incoming::Text(text) => {
                         if self.limit.allow() {
-                            self.on_message(text.as_str()).await
+                            Box::pin(self.on_message(text.as_str())).await
                         } else {
                             Err(Stop::Close(ws::CLOSE_POLICY, "rate limit exceeded".into()))
                         }
@@ -307,7 +312,7 @@ impl Session {
                     .conn
                     .last_event_id()
                     .map_or(self.baseline, |id| i64::try_from(id).unwrap_or(i64::MAX));
-                self.replay(after).await
+                Box::pin(self.replay(after)).await
             }
             Next::Close(reason) => Err(Stop::Close(reason.code(), reason.reason())),
         }
@@ -317,7 +322,7 @@ impl Session {
         let state = &self.state;
         let frame = env
             .rendered_async(Dialect::CloudWs, |env| async move {
-                render::cloud_frame(state, &env).await
+                Box::pin(render::cloud_frame(state, &env)).await
             })
             .await;
         match frame.and_then(ws::message) {

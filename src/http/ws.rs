@@ -29,8 +29,10 @@ pub type Socket = WebSocketStream<poem::Upgraded>;
 
 /// Read buffer per socket. tungstenite allocates it eagerly and defaults to 128 KiB
 /// (DESIGN §9: 10,000 idle clients would cost 1.3 GB); clients of these streams
-/// send a few small control messages at most.
-pub const READ_BUFFER_BYTES: usize = 4 * 1024;
+/// send a few small control messages at most. It is also the most tungstenite reads
+/// per call, so a rare large client message takes a few more reads; at 4 KiB the
+/// buffer alone was a third of an idle socket's cost (BENCHMARKS.md).
+pub const READ_BUFFER_BYTES: usize = 512;
 /// Largest client message the dialects accept; a bigger one is answered with close
 /// code [`CLOSE_TOO_BIG`] after it has been read whole, so the close handshake
 /// stays clean.
@@ -112,7 +114,10 @@ where
             return;
         };
         let socket = WebSocketStream::from_raw_socket(upgraded, Role::Server, Some(config())).await;
-        run(socket).await;
+        // A task of its own, sized for the connection's future alone: awaited here,
+        // this task would also keep the upgrade's state (and `run`'s captures, moved
+        // out but still allocated) for the socket's whole life.
+        tokio::spawn(run(socket));
     });
     Response::builder()
         .status(StatusCode::SWITCHING_PROTOCOLS)
