@@ -24,7 +24,7 @@ use poem::{Request, Response, handler};
 use serde_json::{Value, json};
 
 use super::AppState;
-use super::ws::{Incoming, Socket, classify, message, text};
+use super::ws::{Incoming, Socket, classify, text};
 use crate::bus::{Dialect, Envelope, EnvelopeKind, Frame, Meta, SharedEnvelope, meta_keys};
 use crate::domain::ids::{JobId, TenantId};
 use crate::domain::job::JobStatus;
@@ -204,8 +204,7 @@ impl Session {
                         }
                         let frames = self.frames_for(&env).await;
                         for frame in self.in_comfyui_order(&env, frames) {
-                            let Some(msg) = message(frame) else { continue };
-                            if socket.send(msg).await.is_err() {
+                            if super::ws::send_frame(&mut socket, frame).await.is_err() {
                                 return;
                             }
                         }

@@ -261,10 +261,9 @@ impl Session {
     }
 
     async fn send_frame(&mut self, frame: crate::bus::Frame) -> Result<(), Stop> {
-        match ws::message(frame) {
-            Some(message) => self.send(message).await,
-            None => Ok(()),
-        }
+        ws::send_frame(&mut self.socket, frame)
+            .await
+            .map_err(|_| Stop::Gone)
     }
 
     async fn send(&mut self, message: Message) -> Result<(), Stop> {

@@ -1,4 +1,4 @@
-//! WebSocket plumbing shared by the stream dialects (`session_ws`, `cloud_ws`): the
+//! WebSocket plumbing shared by the stream dialects (`session_ws`, `cloud_ws`, `comfy_ws`): the
 //! upgrade, the socket settings, and closing with a code.
 //!
 //! The upgrade is done here over poem's raw [`Upgraded`](poem::Upgraded) connection
@@ -15,10 +15,12 @@ use futures_util::{SinkExt, StreamExt};
 use poem::http::{HeaderMap, HeaderName, Method, StatusCode, header};
 use poem::{Request, Response};
 use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Error as WsError;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::frame::Frame as WireFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::{CloseCode, Data, OpCode};
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 
 use super::problem::Problem;
@@ -58,9 +60,19 @@ pub const CLOSE_UNAUTHENTICATED: u16 = 4001;
 /// Close code: a cookie-authenticated upgrade came from a foreign `Origin`.
 pub const CLOSE_FORBIDDEN_ORIGIN: u16 = 4003;
 
+/// Binary frames longer than this go out as fragments of this size. tungstenite
+/// keeps its write buffer at the largest size it ever reached, for the life of the
+/// socket: one 200 KB preview would leave every watcher holding 200 KB. With writes
+/// unbuffered (below) and previews fragmented, the buffer stays near this size; the
+/// fragments are slices of the shared frame, so nothing is copied for them.
+pub const FRAGMENT_BYTES: usize = 16 * 1024;
+
 fn config() -> WebSocketConfig {
     WebSocketConfig::default()
         .read_buffer_size(READ_BUFFER_BYTES)
+        // Each frame is written to the socket as it is sent, not gathered first: the
+        // dialects flush after every message anyway.
+        .write_buffer_size(0)
         .max_message_size(Some(TRANSPORT_MAX_MESSAGE))
         .max_frame_size(Some(TRANSPORT_MAX_MESSAGE))
 }
@@ -139,6 +151,33 @@ pub fn message(frame: Frame) -> Option<Message> {
         },
         Frame::Binary(bytes) => Some(Message::Binary(bytes)),
     }
+}
+
+/// Sends a rendered frame, a long binary one in [`FRAGMENT_BYTES`] fragments (which
+/// every WebSocket client reassembles into one message).
+pub async fn send_frame(socket: &mut Socket, frame: Frame) -> Result<(), WsError> {
+    let bytes = match frame {
+        Frame::Binary(bytes) if bytes.len() > FRAGMENT_BYTES => bytes,
+        other => {
+            return match message(other) {
+                Some(m) => socket.send(m).await,
+                None => Ok(()),
+            };
+        }
+    };
+    let mut start = 0;
+    while start < bytes.len() {
+        let end = (start + FRAGMENT_BYTES).min(bytes.len());
+        let opcode = if start == 0 {
+            OpCode::Data(Data::Binary)
+        } else {
+            OpCode::Data(Data::Continue)
+        };
+        let fragment = WireFrame::message(bytes.slice(start..end), opcode, end == bytes.len());
+        socket.feed(Message::Frame(fragment)).await?;
+        start = end;
+    }
+    socket.flush().await
 }
 
 /// A text message from a string built for one connection (replies, replays).
