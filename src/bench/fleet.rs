@@ -395,6 +395,7 @@ struct StormShared {
     received: AtomicU64,
     /// Reconnect attempts that failed (refused while the pod was down, etc.).
     failed_attempts: AtomicU64,
+    first_reconnect_error: Mutex<Option<String>>,
 }
 
 /// One client's run: what it saw, and whether it came back.
@@ -471,6 +472,14 @@ pub async fn storm(
         params.rate,
         producing.clone(),
     ));
+    {
+        let producing = producing.clone();
+        let duration = params.duration;
+        tokio::spawn(async move {
+            tokio::time::sleep(duration).await;
+            producing.cancel();
+        });
+    }
     tokio::time::sleep(params.duration / 3).await;
 
     let kill = Instant::now();
@@ -482,11 +491,7 @@ pub async fn storm(
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let resumed = shared.resumed.load(Ordering::Relaxed);
-    let rest = params
-        .duration
-        .saturating_sub(params.duration / 3 + kill.elapsed());
-    tokio::time::sleep(rest).await;
-    producing.cancel();
+    producing.cancelled().await;
     let submitted = producer.await.unwrap_or(0);
 
     // Every submitted job finished, then every client caught up with the log.
@@ -526,6 +531,14 @@ pub async fn storm(
     report.duplicates = delivery.duplicates;
     report.reordered = delivery.reordered;
     report.lost = missed;
+    report.connect_error = report.connect_error.take().or_else(|| {
+        shared
+            .first_reconnect_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .map(|e| format!("first failed reconnect: {e}"))
+    });
     report.latency = back_after_kill.summary();
     report.storm = Some(StormFigures {
         clients_resumed: resumed,
@@ -687,6 +700,11 @@ async fn storm_client(
                 }
                 Err(e) => {
                     tracing::debug!(error = %e, attempt, "reconnect failed");
+                    shared
+                        .first_reconnect_error
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .get_or_insert(e);
                     shared.failed_attempts.fetch_add(1, Ordering::Relaxed);
                     attempt = attempt.saturating_add(1);
                 }
