@@ -11,6 +11,7 @@
 //!
 //! Every run prints one table and writes one JSON file ([`report::Report`]).
 
+mod fleet;
 mod pod;
 mod report;
 mod scenarios;
@@ -45,6 +46,10 @@ pub enum Scenario {
     Slow,
     /// J jobs × R preview frames/s of SIZE bytes, W watchers per job.
     Previews,
+    /// K jobs submitted over HTTP, run by W `sim` workers: intake and end to end.
+    Jobs,
+    /// N subscribed clients; the pod is killed and restarted; all reconnect and resume.
+    Storm,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -75,9 +80,15 @@ pub struct BenchArgs {
     /// slow: the share of clients that stop reading.
     #[arg(long, default_value_t = 0.1)]
     pub slow_share: f64,
-    /// previews: concurrent jobs.
+    /// previews: concurrent jobs; jobs: jobs submitted (default 1000).
+    #[arg(long)]
+    pub jobs: Option<usize>,
+    /// jobs, storm: `sim` workers (near-zero node time) the bench runs.
     #[arg(long, default_value_t = 4)]
-    pub jobs: usize,
+    pub workers: usize,
+    /// jobs: submits in flight at once.
+    #[arg(long, default_value_t = 32)]
+    pub concurrency: usize,
     /// previews: watchers per job.
     #[arg(long, default_value_t = 5)]
     pub watchers: usize,
@@ -137,13 +148,38 @@ impl BenchArgs {
         if !(0.0..1.0).contains(&self.slow_share) {
             return Err(invalid("--slow-share must be in [0, 1)"));
         }
-        if self.jobs == 0 || self.watchers == 0 {
+        if self.jobs == Some(0) || self.watchers == 0 {
             return Err(invalid("--jobs and --watchers must be at least 1"));
+        }
+        if self.workers == 0 || self.workers > 64 {
+            return Err(invalid("--workers must be between 1 and 64"));
+        }
+        if self.concurrency == 0 || self.concurrency > 4096 {
+            return Err(invalid("--concurrency must be between 1 and 4096"));
+        }
+        if matches!(self.scenario, Scenario::Jobs | Scenario::Storm) {
+            if self.target != TargetKind::Comfyfleet {
+                return Err(invalid(
+                    "--target nchan has no jobs and no event log: jobs and storm run on comfyfleet only",
+                ));
+            }
+            if self.url.is_some() {
+                return Err(invalid(
+                    "--url is not supported by jobs and storm: the bench starts (and restarts) the pod and runs its workers",
+                ));
+            }
         }
         if self.target == TargetKind::Nchan && self.nchan_url.is_none() {
             return Err(invalid("--target nchan needs --nchan-url"));
         }
         Ok(())
+    }
+
+    fn jobs(&self) -> usize {
+        self.jobs.unwrap_or(match self.scenario {
+            Scenario::Jobs => 1000,
+            _ => 4,
+        })
     }
 
     fn size(&self) -> usize {
@@ -168,6 +204,15 @@ pub async fn run(args: &BenchArgs, out: &mut impl Write) -> Result<(), CommandEr
     let shutdown = CancellationToken::new();
     let tasks = TaskTracker::new();
     let mut pod = None;
+    if matches!(args.scenario, Scenario::Jobs | Scenario::Storm) {
+        let result = run_fleet(args, out, &mut pod, &shutdown, &tasks).await;
+        shutdown.cancel();
+        tasks.close();
+        if let Some(pod) = pod {
+            pod.stop().await;
+        }
+        return result;
+    }
     let result = async {
         let (target, pids) = build_target(args, &mut pod, &shutdown, &tasks).await?;
         let procs = (!pids.is_empty()).then(|| ServerProcs::with_children(&pids));
@@ -184,6 +229,79 @@ pub async fn run(args: &BenchArgs, out: &mut impl Write) -> Result<(), CommandEr
         pod.stop().await;
     }
     result
+}
+
+/// `jobs` and `storm`: the bench's own pod, with `sim` workers in this process.
+async fn run_fleet(
+    args: &BenchArgs,
+    out: &mut impl Write,
+    slot: &mut Option<Pod>,
+    shutdown: &CancellationToken,
+    tasks: &TaskTracker,
+) -> Result<(), CommandError> {
+    let pod = slot.insert(
+        Pod::start(PodSettings {
+            admin_database_url: args.database_url.clone(),
+            redis_url: args.redis_url.clone(),
+        })
+        .await?,
+    );
+    let redis = Secret::new(args.redis_url.clone());
+    let (publisher, _) =
+        connect_publisher(Some(&redis), &pod.redis_prefix, shutdown, tasks).await?;
+    let workers = fleet::Fleet::start(pod, &publisher, args.workers, shutdown, tasks).await?;
+    let access = fleet::PodAccess {
+        http_base: format!("http://{}", pod.addr),
+        ws_base: format!("ws://{}", pod.addr),
+        api_key: pod.api_key.clone(),
+        tenant: pod.tenant,
+    };
+    let scenario = format!("{:?}", args.scenario).to_lowercase();
+    let mut report = Report::new(&scenario, "comfyfleet", args.label.clone(), json!({}));
+    match args.scenario {
+        Scenario::Jobs => {
+            report.params = json!({
+                "jobs": args.jobs(),
+                "workers": args.workers,
+                "concurrency": args.concurrency,
+                "endpoint": "POST /developer/api/v1/jobs",
+            });
+            let procs = ServerProcs::with_children(&pod.pid().into_iter().collect::<Vec<_>>());
+            let params = fleet::JobsParams {
+                jobs: args.jobs(),
+                concurrency: args.concurrency,
+            };
+            fleet::jobs(&access, Some(&procs), &params, &mut report).await?;
+        }
+        _ => {
+            report.params = json!({
+                "clients": args.clients,
+                "workers": args.workers,
+                "jobs_per_sec": args.rate,
+                "duration_secs": args.duration,
+                "restart": "SIGKILL, then the same binary on the same port",
+            });
+            let params = fleet::StormParams {
+                clients: args.clients,
+                rate: args.rate,
+                duration: Duration::from_secs_f64(args.duration),
+            };
+            fleet::storm(
+                pod,
+                &access,
+                &publisher,
+                &workers.store,
+                &params,
+                &mut report,
+            )
+            .await?;
+        }
+    }
+    report.print_table(out)?;
+    let path = write_json(args, &report)?;
+    writeln!(out, "wrote {}", path.display())?;
+    drop(workers);
+    Ok(())
 }
 
 async fn build_target(
@@ -293,20 +411,23 @@ async fn measure(args: &BenchArgs, target: &Target, procs: Option<&ServerProcs>)
             };
             scenarios::deliver(target, procs, &load, &p, &mut report).await;
         }
+        // Measured by `run_fleet`.
+        Scenario::Jobs | Scenario::Storm => {}
         Scenario::Previews => {
-            params["jobs"] = json!(args.jobs);
+            let n = args.jobs();
+            params["jobs"] = json!(n);
             params["watchers_per_job"] = json!(args.watchers);
-            params["clients"] = json!(args.jobs * args.watchers);
-            params["rate"] = json!(args.rate * args.jobs as f64);
-            let jobs: Vec<JobId> = (0..args.jobs).map(|_| JobId::new()).collect();
-            let streams = (0..args.jobs * args.watchers)
-                .map(|i| Stream::Previews(i % args.jobs))
+            params["clients"] = json!(n * args.watchers);
+            params["rate"] = json!(args.rate * n as f64);
+            let jobs: Vec<JobId> = (0..n).map(|_| JobId::new()).collect();
+            let streams = (0..n * args.watchers)
+                .map(|i| Stream::Previews(i % n))
                 .collect();
             let load = Load::Previews { jobs, size };
             let p = DeliverParams {
                 streams,
                 slow: 0,
-                rate: args.rate * args.jobs as f64,
+                rate: args.rate * n as f64,
                 duration,
             };
             scenarios::deliver(target, procs, &load, &p, &mut report).await;

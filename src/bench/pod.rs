@@ -133,6 +133,21 @@ impl Pod {
         }
     }
 
+    /// The pod's own database (the bench's workers use it too).
+    pub fn database_url(&self) -> &str {
+        &self.database_url
+    }
+
+    /// A crash and a restart: the pod is killed (SIGKILL, no graceful close for its
+    /// clients) and the same binary is started again on the same address and state.
+    /// Returns once the new process answers `/healthz`.
+    pub async fn restart(&mut self) -> Result<(), CommandError> {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill().await;
+        }
+        self.spawn().await
+    }
+
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().and_then(Child::id)
     }

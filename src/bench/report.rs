@@ -42,6 +42,47 @@ pub struct Report {
     /// The bench's own CPU over the run (percent of one core): on a shared box the
     /// load generator competes with the server it measures.
     pub load_generator_cpu_percent: f64,
+    /// `jobs`: intake and end to end.
+    pub jobs: Option<JobFigures>,
+    /// `storm`: the restart and the resume.
+    pub storm: Option<StormFigures>,
+}
+
+/// `jobs`: intake is submit → the 201 (the job and its first events committed);
+/// end to end is submit → `job.completed` received on the cloud WebSocket.
+#[derive(Clone, Debug, Serialize)]
+pub struct JobFigures {
+    pub submitted: u64,
+    pub accepted: u64,
+    pub submit_errors: u64,
+    pub intake_per_sec: f64,
+    pub intake_latency: LatencySummary,
+    pub completed: u64,
+    pub failed: u64,
+    /// Accepted jobs whose end was not seen before the drain deadline.
+    pub unfinished: u64,
+    pub end_to_end_per_sec: f64,
+    pub end_to_end_latency: LatencySummary,
+}
+
+/// `storm`: every figure counted from the instant the pod was killed.
+#[derive(Clone, Debug, Serialize)]
+pub struct StormFigures {
+    pub clients_resumed: u64,
+    /// Kill → the new pod answers `/healthz`.
+    pub pod_down_ms: f64,
+    /// Kill → the last client subscribed again with `since` (none if some never did).
+    pub all_back_ms: Option<f64>,
+    /// Kill → each client subscribed again.
+    pub back_after_kill: LatencySummary,
+    /// Reconnects refused or failed (the pod was down) before they succeeded.
+    pub failed_reconnect_attempts: u64,
+    pub jobs_submitted: u64,
+    /// `job.*` events in the log over the run.
+    pub durable_events: u64,
+    /// Durable events some client never received (over all clients; must be 0).
+    pub missed: u64,
+    pub duplicates: u64,
 }
 
 /// The server's CPU and memory over the run (all its processes together).
@@ -102,6 +143,8 @@ impl Report {
             latency: LatencySummary::default(),
             server: None,
             load_generator_cpu_percent: 0.0,
+            jobs: None,
+            storm: None,
         }
     }
 
@@ -160,6 +203,51 @@ impl Report {
         writeln!(out, "{}", line(&|c| c.1.clone()))?;
         if let Some(e) = &self.connect_error {
             writeln!(out, "first connect error: {e}")?;
+        }
+        if let Some(j) = &self.jobs {
+            let l = |s: &LatencySummary| {
+                format!(
+                    "p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+                    s.p50_ms, s.p99_ms, s.max_ms
+                )
+            };
+            writeln!(
+                out,
+                "intake: {}/{} accepted, {:.1} jobs/s, {}; {} submit errors",
+                j.accepted,
+                j.submitted,
+                j.intake_per_sec,
+                l(&j.intake_latency),
+                j.submit_errors
+            )?;
+            writeln!(
+                out,
+                "end to end: {} completed, {} failed, {} unfinished, {:.1} jobs/s, {}",
+                j.completed,
+                j.failed,
+                j.unfinished,
+                j.end_to_end_per_sec,
+                l(&j.end_to_end_latency)
+            )?;
+        }
+        if let Some(s) = &self.storm {
+            writeln!(
+                out,
+                "storm: {}/{} clients resumed; pod down {:.0} ms; all back {}; back p50 {:.0} ms, p99 {:.0} ms; {} failed reconnects",
+                s.clients_resumed,
+                self.connected,
+                s.pod_down_ms,
+                s.all_back_ms
+                    .map_or("never".to_owned(), |ms| format!("{ms:.0} ms")),
+                s.back_after_kill.p50_ms,
+                s.back_after_kill.p99_ms,
+                s.failed_reconnect_attempts
+            )?;
+            writeln!(
+                out,
+                "durable: {} jobs, {} job.* events in the log, missed {}, duplicates {}",
+                s.jobs_submitted, s.durable_events, s.missed, s.duplicates
+            )?;
         }
         Ok(())
     }

@@ -196,6 +196,13 @@ impl Delivery {
         }
     }
 
+    /// Whether message `seq` was received.
+    pub fn has(&self, seq: u64) -> bool {
+        self.seen
+            .get((seq / 64) as usize)
+            .is_some_and(|w| w & (1 << (seq % 64)) != 0)
+    }
+
     /// Messages of `published` this client never got.
     pub fn lost(&self, published: u64) -> u64 {
         published.saturating_sub(self.received)
@@ -208,6 +215,76 @@ impl Delivery {
         self.reordered += other.reordered;
         self.bytes += other.bytes;
     }
+}
+
+/// Reconnect delays of a dropped client: exponential from `base`, capped, with
+/// "equal jitter" (half the step fixed, half random) so that thousands of clients
+/// dropped at the same instant do not all knock at the same instants again.
+#[derive(Clone, Copy, Debug)]
+pub struct Backoff {
+    pub base: Duration,
+    pub cap: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self {
+            base: Duration::from_millis(50),
+            cap: Duration::from_secs(1),
+        }
+    }
+}
+
+impl Backoff {
+    /// The wait before attempt `attempt` (0 = the first reconnect); `unit` is a
+    /// random number in [0, 1).
+    pub fn delay(&self, attempt: u32, unit: f64) -> Duration {
+        let step = self
+            .base
+            .saturating_mul(1u32.checked_shl(attempt.min(20)).unwrap_or(u32::MAX))
+            .min(self.cap);
+        step / 2 + step.mul_f64(unit.clamp(0.0, 1.0) / 2.0)
+    }
+}
+
+/// What a cloud-WebSocket event frame tells the bench: its durable id (`evt_<n>`;
+/// none for progress), its type, and the job it is about.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EventFrame {
+    pub id: Option<i64>,
+    pub kind: String,
+    pub job: Option<String>,
+}
+
+/// Reads a `{"type":"event","id":"evt_<n>","data":{"event","payload":{"id"}}}`
+/// frame; anything else (replies, errors) is `None`.
+pub fn event_frame(text: &[u8]) -> Option<EventFrame> {
+    #[derive(serde::Deserialize)]
+    struct Frame {
+        #[serde(rename = "type")]
+        kind: String,
+        id: Option<String>,
+        data: Data,
+    }
+    #[derive(serde::Deserialize)]
+    struct Data {
+        event: String,
+        #[serde(default)]
+        payload: serde_json::Value,
+    }
+    let frame: Frame = serde_json::from_slice(text).ok()?;
+    if frame.kind != "event" {
+        return None;
+    }
+    Some(EventFrame {
+        id: frame
+            .id
+            .as_deref()
+            .and_then(|id| id.strip_prefix("evt_"))
+            .and_then(|n| n.parse().ok()),
+        kind: frame.data.event,
+        job: frame.data.payload["id"].as_str().map(str::to_owned),
+    })
 }
 
 /// The probe every published message carries: its sequence number and the time it
@@ -333,6 +410,53 @@ mod tests {
             ),
             (14, 4, 2, 180)
         );
+    }
+
+    #[test]
+    fn received_ids_can_be_checked_against_a_log() {
+        let mut d = Delivery::default();
+        for id in [3, 5, 64, 5] {
+            d.observe(id, 1);
+        }
+        let log = [1u64, 3, 5, 64, 65, 1000];
+        let missed: Vec<u64> = log.iter().copied().filter(|id| !d.has(*id)).collect();
+        assert_eq!(missed, [1, 65, 1000]);
+        assert_eq!(d.duplicates, 1);
+    }
+
+    #[test]
+    fn backoff_grows_to_its_cap_with_jitter_in_the_upper_half() {
+        let b = Backoff::default();
+        assert_eq!(b.delay(0, 0.0), Duration::from_millis(25));
+        assert_eq!(b.delay(0, 0.999_999).as_millis(), 49);
+        assert_eq!(b.delay(1, 0.0), Duration::from_millis(50));
+        assert_eq!(b.delay(3, 0.0), Duration::from_millis(200));
+        // Capped at 1 s from the 5th attempt on, however many failed.
+        assert_eq!(b.delay(5, 0.0), Duration::from_millis(500));
+        assert_eq!(b.delay(u32::MAX, 0.0), Duration::from_millis(500));
+        assert!(b.delay(u32::MAX, 1.0) <= Duration::from_secs(1));
+        // A bad random number cannot stretch the wait.
+        assert_eq!(b.delay(0, 7.0), Duration::from_millis(50));
+    }
+
+    #[test]
+    fn event_frames_yield_id_type_and_job() {
+        let completed = br#"{"type":"event","id":"evt_42","timestamp":"t","data":{"event":"job.completed","payload":{"id":"job_1","status":"completed"}}}"#;
+        assert_eq!(
+            event_frame(completed),
+            Some(EventFrame {
+                id: Some(42),
+                kind: "job.completed".into(),
+                job: Some("job_1".into())
+            })
+        );
+        let progress = br#"{"type":"event","timestamp":"t","data":{"event":"job.progress","payload":{"job_id":"job_1","progress":5}}}"#;
+        assert_eq!(event_frame(progress).unwrap().id, None);
+        assert_eq!(
+            event_frame(br#"{"type":"subscribed","data":{"events":["job.*"]}}"#),
+            None
+        );
+        assert_eq!(event_frame(b"not json"), None);
     }
 
     #[test]

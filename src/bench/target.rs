@@ -79,7 +79,7 @@ pub enum ClientError {
 
 /// Client sockets keep a small read buffer: tungstenite's default is 128 KiB, and
 /// the load generator holds up to 10,000 of them.
-fn client_config() -> WebSocketConfig {
+pub fn client_config() -> WebSocketConfig {
     WebSocketConfig::default()
         .read_buffer_size(8 * 1024)
         .max_message_size(Some(64 << 20))

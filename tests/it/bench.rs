@@ -120,6 +120,16 @@ async fn bad_bench_options_are_refused_in_one_line() {
         &["fanout", "--clients", "0"],
         &["slow", "--slow-share", "1.5"],
         &["fanout", "--target", "nchan"],
+        &["jobs", "--workers", "0"],
+        &["jobs", "--concurrency", "0"],
+        &["storm", "--url", "http://127.0.0.1:9"],
+        &[
+            "jobs",
+            "--target",
+            "nchan",
+            "--nchan-url",
+            "http://127.0.0.1:9",
+        ],
     ] {
         let out = bench(args).await;
         assert!(!out.status.success(), "{args:?} must fail");
@@ -127,4 +137,80 @@ async fn bad_bench_options_are_refused_in_one_line() {
         assert!(stderr.starts_with("comfyfleet: --"), "{args:?}: {stderr}");
         assert!(!stderr.contains("panicked"), "{stderr}");
     }
+}
+
+fn fleet_report(out: &std::process::Output, json: &std::path::Path) -> Value {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "bench failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&std::fs::read(json).expect("the JSON file is written"))
+        .expect("the JSON file is JSON")
+}
+
+#[tokio::test]
+async fn jobs_smoke_run_submits_runs_and_reports() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("jobs.json");
+    let out = bench(&[
+        "jobs",
+        "--jobs",
+        "6",
+        "--workers",
+        "2",
+        "--concurrency",
+        "3",
+        "--json",
+        json.to_str().unwrap(),
+    ])
+    .await;
+    let r = fleet_report(&out, &json);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("intake:") && stdout.contains("end to end:"),
+        "{stdout}"
+    );
+    assert_eq!(r["scenario"], "jobs");
+    let j = &r["jobs"];
+    assert_eq!(j["accepted"], 6, "every submit is acknowledged: {r}");
+    assert_eq!(j["submit_errors"], 0, "{r}");
+    assert!(
+        j["completed"].as_u64().unwrap() > 0,
+        "jobs run on the sims: {r}"
+    );
+    assert_eq!(
+        j["end_to_end_latency"]["samples"], j["completed"],
+        "every completed job is timed: {r}"
+    );
+    assert_eq!(j["intake_latency"]["samples"], 6, "{r}");
+}
+
+#[tokio::test]
+async fn storm_smoke_run_restarts_the_pod_and_everyone_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("storm.json");
+    let out = bench(&[
+        "storm",
+        "--clients",
+        "4",
+        "--workers",
+        "1",
+        "--rate",
+        "10",
+        "--duration",
+        "1.5",
+        "--json",
+        json.to_str().unwrap(),
+    ])
+    .await;
+    let r = fleet_report(&out, &json);
+    assert_eq!(r["scenario"], "storm");
+    assert_eq!(r["connected"], 4, "{r}");
+    let s = &r["storm"];
+    assert_eq!(s["clients_resumed"], 4, "every client came back: {r}");
+    assert!(s["all_back_ms"].is_number(), "{r}");
+    assert!(s["durable_events"].as_u64().unwrap() > 0, "{r}");
+    assert_eq!(s["missed"], 0, "nothing durable is missed: {r}");
 }
