@@ -56,7 +56,6 @@ use super::security::{StreamCredential, stream_credential};
 use crate::domain::graph::{ApiGraph, ComfyValidationError, NodeId};
 use crate::domain::ids::{JobId, TenantId};
 use crate::domain::job::JobStatus;
-use crate::domain::node_catalogue::NodeCatalogue;
 use crate::jobs::{SubmitError, SubmitOptions, WorkSpec};
 use crate::store::jobs::Job;
 
@@ -382,21 +381,15 @@ pub(super) async fn door_check(
         .into_iter()
         .map(str::to_string)
         .collect();
-    let schemas = match state
+    let catalogue = match state
         .store
-        .fleet_node_schemas(FRESH_WORKER_SECS, &classes)
+        .fleet_catalogue(FRESH_WORKER_SECS, &classes)
         .await
     {
-        Ok(Some(schemas)) => schemas,
+        Ok(Some(catalogue)) => catalogue,
         Ok(None) => return Ok((json!({}), prompt)),
         Err(e) => return Err(internal(e)),
     };
-    let mut union = Map::new();
-    for (class, schema) in schemas {
-        union.entry(class).or_insert(schema);
-    }
-    let catalogue: NodeCatalogue =
-        serde_json::from_value(Value::Object(union)).map_err(internal)?;
     match graph.validate_against(&catalogue) {
         // ComfyUI runs the outputs that passed; the rest are reported.
         Ok(report) if report.node_errors.is_empty() => Ok((json!({}), prompt)),

@@ -8,7 +8,7 @@ use poem_openapi::payload::{self, Binary, Json};
 use poem_openapi::types::Any;
 use poem_openapi::types::multipart::Upload;
 use poem_openapi::{ApiResponse, Multipart, Object, OpenApi};
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 
 pub use super::runner_types::{ManifestView, RunStatus, RunnerError};
 use super::security::Auth;
@@ -177,19 +177,21 @@ async fn fleet_catalogue(state: &AppState, graph: &ApiGraph) -> Result<NodeCatal
         .into_iter()
         .map(str::to_string)
         .collect();
-    let schemas = state
+    match state
         .store
-        .fleet_node_schemas(super::comfy::FRESH_WORKER_SECS, &classes)
-        .await?
-        .unwrap_or_default();
-    let mut union = Map::new();
-    for (class, schema) in schemas {
-        union.entry(class).or_insert(schema);
+        .fleet_catalogue(super::comfy::FRESH_WORKER_SECS, &classes)
+        .await
+    {
+        Ok(catalogue) => Ok(catalogue.unwrap_or_default()),
+        Err(e @ crate::store::StoreError::Corrupt(_)) => {
+            tracing::error!(error = %e, "a worker reported a node schema we cannot read");
+            Err(RunnerError::detail(
+                500,
+                json!("the fleet's node schemas could not be read"),
+            ))
+        }
+        Err(e) => Err(e.into()),
     }
-    serde_json::from_value(Value::Object(union)).map_err(|e| {
-        tracing::error!(error = %e, "a worker reported a node schema we cannot read");
-        RunnerError::detail(500, json!("the fleet's node schemas could not be read"))
-    })
 }
 
 /// A graph the fleet's schemas cannot describe is the fleet's gap (503, it may be

@@ -121,6 +121,25 @@ impl Store {
     /// The schemas of `classes` in the fresh workers' `/object_info`, newest worker
     /// first; `None` when no fresh worker has published one. Reads only the classes
     /// asked for, so checking a prompt does not move whole catalogues.
+    /// The fleet's node catalogue for these classes: each class's schema from the
+    /// newest fresh worker that has it. `None` when no fresh worker reported a catalogue.
+    pub async fn fleet_catalogue(
+        &self,
+        fresh_secs: i64,
+        classes: &[String],
+    ) -> Result<Option<crate::domain::node_catalogue::NodeCatalogue>, StoreError> {
+        let Some(schemas) = self.fleet_node_schemas(fresh_secs, classes).await? else {
+            return Ok(None);
+        };
+        let mut union = serde_json::Map::new();
+        for (class, schema) in schemas {
+            union.entry(class).or_insert(schema);
+        }
+        serde_json::from_value(serde_json::Value::Object(union))
+            .map(Some)
+            .map_err(|e| StoreError::Corrupt(format!("a worker's node schema: {e}")))
+    }
+
     /// Which fresh workers have a catalogue, as one string: it changes exactly when the
     /// union [`Store::fleet_object_info`] returns may, so a pod can cache that union.
     pub async fn fleet_object_info_version(&self, fresh_secs: i64) -> Result<String, StoreError> {
