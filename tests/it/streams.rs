@@ -551,6 +551,13 @@ async fn streams_cloud_ping_subscribe_wildcards_and_unsubscribe() {
         .publisher
         .progress(t.id, running, &progress_state(running, 33))
         .await;
+    // The bus keeps a tenant's order: once this cancellation arrives, progress 33 has
+    // passed the socket's filter (and was dropped), so subscribing now cannot race it.
+    let marker = create_job(&app, &t).await;
+    cancel_job(&app, &t, marker).await;
+    let event = next_json(&mut ws).await;
+    assert_eq!(event["data"]["event"], "job.cancelled", "progress 33 leaked");
+    assert_eq!(event["data"]["payload"]["id"], marker.to_string());
     let reply = subscribe(&mut ws, &["job.*"]).await;
     assert_eq!(reply["data"]["events"], json!(["job.cancelled", "job.*"]));
     app.state
