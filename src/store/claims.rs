@@ -60,6 +60,62 @@ pub struct Reaped {
     pub events: Vec<StoredEvent>,
 }
 
+/// Where a claim looks for its candidates.
+#[derive(Clone, Copy)]
+enum CandidateSearch {
+    /// The first queued jobs of each tenant, runnable here or not.
+    FirstQueued,
+    /// Every queued job of each tenant that this worker can run.
+    AllRunnable,
+}
+
+/// Queued jobs a claim considers per tenant.
+const CANDIDATES_PER_TENANT: i64 = 16;
+
+/// The claim: among each tenant's candidates this worker can run, the order is
+/// priority, then the place in the tenant's own queue, then the tenant that was
+/// served least recently (its head's rank). So concurrent claimers take tenants'
+/// heads first and then, rather than idling on a head another claimer has locked,
+/// the next job behind it. `$1`/`$2` are the worker's node classes and models.
+fn claim_query(search: CandidateSearch) -> String {
+    let runnable = "j.required_nodes <@ $1::text[] AND j.required_models <@ $2::text[]";
+    let inner = match search {
+        CandidateSearch::FirstQueued => String::new(),
+        CandidateSearch::AllRunnable => format!("AND {runnable}"),
+    };
+    format!(
+        "WITH RECURSIVE busy(tenant_id) AS ( \
+            (SELECT tenant_id FROM jobs WHERE status = 'queued' ORDER BY tenant_id LIMIT 1) \
+            UNION ALL \
+            SELECT (SELECT q.tenant_id FROM jobs q WHERE q.status = 'queued' \
+                    AND q.tenant_id > b.tenant_id ORDER BY q.tenant_id LIMIT 1) \
+            FROM busy b WHERE b.tenant_id IS NOT NULL \
+         ), candidates AS ( \
+            SELECT c.id, c.tenant_id, c.priority, c.queued_at, \
+                row_number() OVER (PARTITION BY c.tenant_id \
+                    ORDER BY c.priority DESC, c.queued_at, c.id) AS place \
+            FROM busy t CROSS JOIN LATERAL ( \
+                SELECT j.id, j.tenant_id, j.priority, j.queued_at, j.required_nodes, j.required_models \
+                FROM jobs j WHERE j.tenant_id = t.tenant_id AND j.status = 'queued' {inner} \
+                ORDER BY j.priority DESC, j.queued_at, j.id LIMIT {CANDIDATES_PER_TENANT}) c \
+            WHERE t.tenant_id IS NOT NULL \
+              AND c.required_nodes <@ $1::text[] AND c.required_models <@ $2::text[] \
+         ), tenant_order AS ( \
+            SELECT c.tenant_id, row_number() OVER ( \
+                ORDER BY c.priority DESC, s.last_started NULLS FIRST, c.queued_at, c.id) AS rank \
+            FROM candidates c LEFT JOIN LATERAL ( \
+                SELECT max(r.started_at) AS last_started FROM jobs r \
+                WHERE r.tenant_id = c.tenant_id AND r.started_at IS NOT NULL) s ON true \
+            WHERE c.place = 1 \
+         ) \
+         SELECT j.id, j.tenant_id FROM jobs j \
+         JOIN candidates c ON c.id = j.id JOIN tenant_order o ON o.tenant_id = c.tenant_id \
+         WHERE j.status = 'queued' \
+         ORDER BY c.priority DESC, c.place, o.rank \
+         LIMIT 1 FOR UPDATE OF j SKIP LOCKED"
+    )
+}
+
 fn lease_interval(lease: Duration) -> f64 {
     lease.as_secs_f64()
 }
@@ -75,31 +131,20 @@ impl Store {
         lease: Duration,
     ) -> Result<Option<ClaimedJob>, StoreError> {
         let mut tx = self.pool.begin().await?;
-        // Each tenant's head (its best queued job this worker can run), ranked; the
-        // first head not locked by a concurrent claimer wins.
-        let picked: Option<(Uuid, Uuid)> = sqlx::query_as(
-            "WITH heads AS ( \
-                SELECT DISTINCT ON (j.tenant_id) j.id, j.tenant_id, j.priority, j.queued_at \
-                FROM jobs j \
-                WHERE j.status = 'queued' \
-                  AND j.required_nodes <@ $1::text[] AND j.required_models <@ $2::text[] \
-                ORDER BY j.tenant_id, j.priority DESC, j.queued_at, j.id \
-             ), ranked AS ( \
-                SELECT h.id, row_number() OVER ( \
-                    ORDER BY h.priority DESC, s.last_started NULLS FIRST, h.queued_at, h.id) AS rank \
-                FROM heads h LEFT JOIN LATERAL ( \
-                    SELECT max(started_at) AS last_started FROM jobs r \
-                    WHERE r.tenant_id = h.tenant_id AND r.started_at IS NOT NULL) s ON true \
-             ) \
-             SELECT j.id, j.tenant_id FROM jobs j JOIN ranked k ON k.id = j.id \
-             WHERE j.status = 'queued' \
-             ORDER BY k.rank \
-             LIMIT 1 FOR UPDATE OF j SKIP LOCKED",
-        )
-        .bind(&caps.node_classes)
-        .bind(&caps.models)
-        .fetch_optional(&mut *tx)
-        .await?;
+        // Usually one of the first few queued jobs of a tenant is runnable here: an
+        // index range per tenant. Only when none is (a worker lacking what those
+        // need, or all of them being claimed right now) are all queued jobs searched.
+        let mut picked = None;
+        for search in [CandidateSearch::FirstQueued, CandidateSearch::AllRunnable] {
+            picked = sqlx::query_as::<_, (Uuid, Uuid)>(&claim_query(search))
+                .bind(&caps.node_classes)
+                .bind(&caps.models)
+                .fetch_optional(&mut *tx)
+                .await?;
+            if picked.is_some() {
+                break;
+            }
+        }
         let Some((id, tenant)) = picked else {
             return Ok(None);
         };

@@ -74,31 +74,50 @@ pub enum KindFilter {
 
 const EVENT_COLUMNS: &str = "id, tenant_id, type, severity, message, data, job_id, created_at";
 
-/// Appends events inside the caller's transaction (the one that made the change).
+/// Appends events inside the caller's transaction (the one that made the change),
+/// in the order given, in one statement whatever their number.
 pub(super) async fn append(
     tx: &mut Transaction<'_, Postgres>,
     tenant: TenantId,
     events: &[NewEvent],
 ) -> Result<Vec<StoredEvent>, StoreError> {
+    if events.is_empty() {
+        return Ok(Vec::new());
+    }
     sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1::text, 7))")
         .bind(tenant.as_uuid())
         .execute(&mut **tx)
         .await?;
-    let mut stored = Vec::with_capacity(events.len());
-    for e in events {
-        let row: EventRow = sqlx::query_as(&format!(
-            "INSERT INTO events (tenant_id, type, severity, message, data, job_id) \
-             VALUES ($1, $2, $3, $4, $5, $6) RETURNING {EVENT_COLUMNS}"
-        ))
-        .bind(tenant.as_uuid())
-        .bind(e.kind)
-        .bind(e.severity.as_str())
-        .bind(&e.message)
-        .bind(&e.data)
-        .bind(e.job.map(|j| j.as_uuid()))
-        .fetch_one(&mut **tx)
-        .await?;
-        stored.push(row.into());
+    let kinds: Vec<&str> = events.iter().map(|e| e.kind).collect();
+    let severities: Vec<&str> = events.iter().map(|e| e.severity.as_str()).collect();
+    let messages: Vec<&str> = events.iter().map(|e| e.message.as_str()).collect();
+    let data: Vec<&Value> = events.iter().map(|e| &e.data).collect();
+    let jobs: Vec<Option<Uuid>> = events.iter().map(|e| e.job.map(|j| j.as_uuid())).collect();
+    // Rows are produced in `n` order, so the identity hands out ids in that order.
+    let rows: Vec<EventRow> = sqlx::query_as(&format!(
+        "INSERT INTO events (tenant_id, type, severity, message, data, job_id) \
+         SELECT $1, e.type, e.severity, e.message, e.data, e.job_id \
+         FROM unnest($2::text[], $3::text[], $4::text[], $5::jsonb[], $6::uuid[]) \
+              WITH ORDINALITY AS e(type, severity, message, data, job_id, n) \
+         ORDER BY e.n \
+         RETURNING {EVENT_COLUMNS}"
+    ))
+    .bind(tenant.as_uuid())
+    .bind(&kinds)
+    .bind(&severities)
+    .bind(&messages)
+    .bind(&data)
+    .bind(&jobs)
+    .fetch_all(&mut **tx)
+    .await?;
+    let mut stored: Vec<StoredEvent> = rows.into_iter().map(StoredEvent::from).collect();
+    stored.sort_by_key(|e| e.id);
+    if stored.len() != events.len() {
+        return Err(StoreError::Corrupt(format!(
+            "appended {} events, stored {}",
+            events.len(),
+            stored.len()
+        )));
     }
     Ok(stored)
 }

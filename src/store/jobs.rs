@@ -172,38 +172,18 @@ pub struct JobCursor {
 }
 
 impl Store {
-    /// Stores a new job as queued, with its `job.accepted` and `job.queued` events —
-    /// or, for a repeated idempotency key, returns what that key already produced.
-    pub async fn submit_job(&self, tenant: TenantId, new: NewJob) -> Result<Submitted, StoreError> {
+    /// One submit in its own transaction (see `intake` for the batched path).
+    pub(super) async fn submit_one_job(
+        &self,
+        tenant: TenantId,
+        new: NewJob,
+    ) -> Result<Submitted, StoreError> {
         let mut tx = self.pool.begin().await?;
-        let inserted = sqlx::query(
-            "INSERT INTO jobs (id, tenant_id, status, workflow_id, graph, params, seeds, client_id, \
-                extra_data, priority, required_nodes, required_models, input_files, \
-                idempotency_key, request_digest, time_limit_secs, comfy_number, queued_at) \
-             VALUES ($1, $2, 'queued', $3, $4::text::json, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, now()) \
-             ON CONFLICT (tenant_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING",
-        )
-        .bind(new.id.as_uuid())
-        .bind(tenant.as_uuid())
-        .bind(&new.workflow_id)
-        // As text: a `Value` binds as jsonb, which would re-sort the prompt's nodes.
-        .bind(new.graph.to_string())
-        .bind(&new.params)
-        .bind(&new.seeds)
-        .bind(&new.client_id)
-        .bind(&new.extra_data)
-        .bind(new.priority)
-        .bind(&new.required_nodes)
-        .bind(&new.required_models)
-        .bind(&new.input_files)
-        .bind(&new.idempotency_key)
-        .bind(new.request_digest.as_ref().map(|d| d.as_slice()))
-        .bind(new.time_limit_secs)
-        .bind(new.comfy_number)
-        .execute(&mut *tx)
-        .await
-        // The id itself can collide only when a client chose it (a ComfyUI prompt_id).
-        .map_err(super::conflict_on_unique("job id"))?;
+        let inserted = insert_job(tenant, &new, OnConflict::SkipSameKey)
+            .execute(&mut *tx)
+            .await
+            // The id itself can collide only when a client chose it (a ComfyUI prompt_id).
+            .map_err(super::conflict_on_unique("job id"))?;
         if inserted.rows_affected() == 0 {
             // The key was used before: same request → same job; otherwise refuse.
             tx.rollback().await?;
@@ -368,6 +348,77 @@ impl Store {
         tx.commit().await?;
         Ok(Some(Cancelled::Now(job, stored)))
     }
+}
+
+/// What an insert of a job does when it collides with an existing row.
+pub(super) enum OnConflict {
+    /// The same idempotency key: skip (the caller answers with the original job);
+    /// a taken id is still an error.
+    SkipSameKey,
+    /// Skip on any collision, so the transaction survives it.
+    SkipAny,
+}
+
+macro_rules! insert_job_sql {
+    ($on_conflict:literal) => {
+        concat!(
+            "INSERT INTO jobs (id, tenant_id, status, workflow_id, graph, params, seeds, client_id, \
+                extra_data, priority, required_nodes, required_models, input_files, \
+                idempotency_key, request_digest, time_limit_secs, comfy_number, queued_at) \
+             VALUES ($1, $2, 'queued', $3, $4::text::json, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, now()) ",
+            $on_conflict
+        )
+    };
+}
+
+/// Inserts `new` as a queued job.
+pub(super) fn insert_job(
+    tenant: TenantId,
+    new: &NewJob,
+    on_conflict: OnConflict,
+) -> sqlx::query::Query<'_, sqlx::Postgres, sqlx::postgres::PgArguments> {
+    let sql = match on_conflict {
+        OnConflict::SkipSameKey => insert_job_sql!(
+            "ON CONFLICT (tenant_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING"
+        ),
+        OnConflict::SkipAny => insert_job_sql!("ON CONFLICT DO NOTHING"),
+    };
+    sqlx::query(sql)
+        .bind(new.id.as_uuid())
+        .bind(tenant.as_uuid())
+        .bind(&new.workflow_id)
+        // As text: a `Value` binds as jsonb, which would re-sort the prompt's nodes.
+        .bind(new.graph.to_string())
+        .bind(&new.params)
+        .bind(&new.seeds)
+        .bind(&new.client_id)
+        .bind(&new.extra_data)
+        .bind(new.priority)
+        .bind(&new.required_nodes)
+        .bind(&new.required_models)
+        .bind(&new.input_files)
+        .bind(&new.idempotency_key)
+        .bind(new.request_digest.as_ref().map(|d| d.as_slice()))
+        .bind(new.time_limit_secs)
+        .bind(new.comfy_number)
+}
+
+/// The tenant's jobs with these ids, by id.
+pub(super) async fn fetch_jobs(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    tenant: TenantId,
+    ids: &[Uuid],
+) -> Result<std::collections::HashMap<Uuid, Job>, StoreError> {
+    let rows: Vec<JobRow> = sqlx::query_as(&format!(
+        "{JOB_SELECT} WHERE j.tenant_id = $1 AND j.id = ANY($2)"
+    ))
+    .bind(tenant.as_uuid())
+    .bind(ids)
+    .fetch_all(&mut **tx)
+    .await?;
+    rows.into_iter()
+        .map(|r| Ok((r.id, Job::try_from(r)?)))
+        .collect()
 }
 
 pub(super) async fn fetch_job(

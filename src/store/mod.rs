@@ -10,6 +10,7 @@ pub mod api_keys;
 pub mod claims;
 pub mod events;
 pub mod inputs;
+mod intake;
 pub mod jobs;
 pub mod outputs;
 pub mod sessions;
@@ -29,6 +30,7 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 #[derive(Clone, Debug)]
 pub struct Store {
     pool: PgPool,
+    intake: std::sync::Arc<intake::Intake>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -80,11 +82,14 @@ impl Store {
             .max_connections(config.max_connections)
             .acquire_timeout(Duration::from_secs(5))
             .connect_lazy_with(options);
-        Ok(Self { pool })
+        Ok(Self::from_pool(pool))
     }
 
     pub fn from_pool(pool: PgPool) -> Self {
-        Self { pool }
+        Self {
+            pool,
+            intake: Default::default(),
+        }
     }
 
     pub fn pool(&self) -> &PgPool {

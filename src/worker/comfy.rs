@@ -540,6 +540,21 @@ impl RelayFrame {
 }
 
 impl ComfySocket {
+    /// Reads and drops whatever arrived while no job was running (queue `status`
+    /// broadcasts). Returns false if the socket has closed meanwhile.
+    pub fn discard_pending(&mut self) -> bool {
+        use futures_util::FutureExt;
+        loop {
+            match self.stream.next().now_or_never() {
+                None => return true,
+                Some(Some(Ok(Message::Close(_)))) | Some(Some(Err(_))) | Some(None) => {
+                    return false;
+                }
+                Some(Some(Ok(_))) => {}
+            }
+        }
+    }
+
     /// The next message; `None` when the socket closed.
     pub async fn next(&mut self) -> Option<Result<ComfyMessage, ComfyError>> {
         self.next_received()

@@ -44,13 +44,56 @@ fn cause(
     }
 }
 
+/// The worker's one socket to its ComfyUI, kept from job to job. A socket per job
+/// would cost a handshake each time, and would risk the job's messages: ComfyUI
+/// forgets a client id when *any* socket with that id closes (`sockets.pop(sid)` in
+/// its handler's `finally`), so the previous job's socket closing late could
+/// unregister the new one, and ComfyUI drops frames for an unregistered client.
+pub(super) struct ComfyLink {
+    client_id: String,
+    socket: Option<ComfySocket>,
+}
+
+impl ComfyLink {
+    pub(super) fn new(worker: &Worker) -> Self {
+        Self {
+            client_id: format!("comfyfleet-{}", worker.id),
+            socket: None,
+        }
+    }
+
+    /// Reads and drops what ComfyUI sends while no job runs (queue `status` for other
+    /// clients), so its sender never waits on this socket. Never returns; a socket
+    /// that closes is reconnected by the next [`ComfyLink::ready`].
+    pub(super) async fn drain_while_idle(&mut self) {
+        if let Some(socket) = &mut self.socket {
+            while let Some(Ok(_)) = socket.next_received().await {}
+            self.socket = None;
+        }
+        std::future::pending::<()>().await
+    }
+
+    /// The open socket, reconnected if it closed while idle.
+    async fn ready(&mut self, worker: &Worker) -> Result<&mut ComfySocket, ComfyError> {
+        if self.socket.as_mut().is_some_and(|s| !s.discard_pending()) {
+            self.socket = None;
+        }
+        let socket = match self.socket.take() {
+            Some(socket) => socket,
+            None => worker.comfy.connect(&self.client_id).await?,
+        };
+        Ok(self.socket.insert(socket))
+    }
+}
+
 pub(super) async fn run(
     worker: &Worker,
     job: Job,
+    link: &mut ComfyLink,
     cancels: &mut mpsc::Receiver<JobId>,
     shutdown: &CancellationToken,
 ) {
-    let outcome = execute(worker, &job, cancels, shutdown).await;
+    let outcome = execute(worker, &job, link, cancels, shutdown).await;
     record(worker, &job, outcome).await;
 }
 
@@ -119,14 +162,15 @@ fn node_infos(graph: &Value) -> BTreeMap<String, NodeInfo> {
 async fn execute(
     worker: &Worker,
     job: &Job,
+    link: &mut ComfyLink,
     cancels: &mut mpsc::Receiver<JobId>,
     shutdown: &CancellationToken,
 ) -> Outcome {
     let comfy = &worker.comfy;
     let prompt_id = job.id.to_string();
-    let client_id = format!("comfyfleet-{}", worker.id);
-    // Connect before queueing: ComfyUI drops frames for a client with no socket.
-    let mut socket = match comfy.connect(&client_id).await {
+    let client_id = link.client_id.clone();
+    // Connected before queueing: ComfyUI drops frames for a client with no socket.
+    let socket = match link.ready(worker).await {
         Ok(s) => s,
         Err(e) => return Outcome::Release(format!("its ComfyUI was unreachable: {e}")),
     };
@@ -235,7 +279,7 @@ async fn execute(
                         // The socket dropped: reconnect with the same client id and
                         // find out whether ComfyUI still has the prompt.
                         match reconnect(worker, &client_id, &prompt_id, shutdown).await {
-                            Reconnected::Socket(s) => { socket = *s; continue; }
+                            Reconnected::Socket(s) => { *socket = *s; continue; }
                             Reconnected::Finished(ok) => {
                                 return if ok { Outcome::Succeeded } else if cancelling { Outcome::Cancelled } else {
                                     Outcome::Failed(cause("ExecutionError", "ComfyUI reported the prompt as failed", None))

@@ -155,6 +155,7 @@ impl Worker {
             }
         });
         let mut heartbeat = tokio::time::interval(self.settings.heartbeat);
+        let mut link = job::ComfyLink::new(&self);
         let result = loop {
             if shutdown.is_cancelled() {
                 break Ok(());
@@ -170,7 +171,7 @@ impl Worker {
                 Ok(Some(claimed)) => {
                     self.publisher.events(&claimed.events).await;
                     let _ = self.store.worker_heartbeat(self.id, "busy").await;
-                    job::run(&self, claimed.job, &mut cancels_rx, &shutdown).await;
+                    job::run(&self, claimed.job, &mut link, &mut cancels_rx, &shutdown).await;
                     let _ = self.store.worker_heartbeat(self.id, "idle").await;
                     continue;
                 }
@@ -180,6 +181,7 @@ impl Worker {
             tokio::select! {
                 _ = shutdown.cancelled() => break Ok(()),
                 _ = wake_rx.recv() => {}
+                _ = link.drain_while_idle() => {}
                 _ = tokio::time::sleep(self.settings.poll_interval) => {}
                 _ = heartbeat.tick() => {
                     if let Err(e) = self.store.worker_heartbeat(self.id, "idle").await {

@@ -420,3 +420,83 @@ async fn the_queue_view_lists_waiting_and_finished_jobs() {
     assert_eq!(q["recent"][0]["id"], a["id"]);
     assert_eq!(q["recent"][0]["status"], "cancelled");
 }
+
+/// A job for the store's submit, with an idempotency key when given.
+fn new_job(key: Option<(&str, u8)>) -> comfyfleet::store::jobs::NewJob {
+    comfyfleet::store::jobs::NewJob {
+        id: Default::default(),
+        workflow_id: None,
+        graph: raw_graph(),
+        params: json!({}),
+        seeds: json!({}),
+        client_id: None,
+        extra_data: json!({}),
+        priority: 0,
+        required_nodes: vec!["EmptyImage".into(), "SaveImage".into()],
+        required_models: Vec::new(),
+        input_files: Vec::new(),
+        time_limit_secs: None,
+        comfy_number: None,
+        idempotency_key: key.map(|(k, _)| k.to_string()),
+        request_digest: key.map(|(_, d)| [d; 32]),
+    }
+}
+
+#[tokio::test]
+async fn concurrent_submits_share_a_transaction_and_each_gets_its_own_answer() {
+    use comfyfleet::store::StoreError;
+    use comfyfleet::store::jobs::Submitted;
+
+    let app = spawn_app().await;
+    let t = app.tenant("acme").await;
+    let taken = new_job(None);
+    let taken_id = taken.id;
+    assert!(matches!(
+        app.store.submit_job(t.id, taken).await.unwrap(),
+        Submitted::Created(..)
+    ));
+
+    // Submitted together: the first starts the tenant's committer, which runs only
+    // once all of them are waiting, so they go in as one batch.
+    let mut jobs: Vec<_> = (0..30).map(|_| new_job(None)).collect();
+    jobs.push(new_job(Some(("same", 1))));
+    jobs.push(new_job(Some(("same", 1))));
+    jobs.push(new_job(Some(("same", 2))));
+    let mut collides = new_job(None);
+    collides.id = taken_id;
+    jobs.push(collides);
+    let results =
+        futures_util::future::join_all(jobs.into_iter().map(|j| app.store.submit_job(t.id, j)))
+            .await;
+
+    let mut event_ids = Vec::new();
+    let mut queue_numbers = Vec::new();
+    for result in &results[..31] {
+        let Ok(Submitted::Created(job, events)) = result else {
+            panic!("expected a new job, got {result:?}");
+        };
+        let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
+        assert_eq!(kinds, ["job.accepted", "job.queued"]);
+        assert!(events.iter().all(|e| e.job_id == Some(job.id)));
+        assert_eq!(events[1].data["queue_number"], json!(job.queue_number));
+        event_ids.extend(events.iter().map(|e| e.id));
+        queue_numbers.push(job.queue_number.unwrap());
+    }
+    // The log holds them in submission order, and so do the queue positions.
+    assert!(event_ids.windows(2).all(|w| w[0] < w[1]), "{event_ids:?}");
+    assert_eq!(queue_numbers, (2..=32).collect::<Vec<i64>>());
+    let Ok(Submitted::Created(original, _)) = &results[30] else {
+        unreachable!()
+    };
+    match &results[31] {
+        Ok(Submitted::Replayed(job)) => assert_eq!(job.id, original.id),
+        other => panic!("the same key and request should replay, got {other:?}"),
+    }
+    assert!(matches!(results[32], Ok(Submitted::KeyReused)));
+    assert!(matches!(results[33], Err(StoreError::Conflict(_))));
+
+    let page = get_json(&app, &t.admin_key, "/developer/api/v1/jobs?limit=200").await;
+    assert_eq!(page["jobs"].as_array().unwrap().len(), 32, "nothing twice, nothing lost");
+    let log = get_json(&app, &t.admin_key, "/api/admin/events?type=job.*&limit=500").await;
+    assert_eq!(log.as_array().unwrap().len(), 64);
+}
