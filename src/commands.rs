@@ -198,6 +198,7 @@ pub async fn api_state(
         redis,
         secure_cookies: config.secure_cookies(),
         session_ttl: config.session_ttl,
+        replay: Default::default(),
         object_info: Arc::default(),
     })
 }

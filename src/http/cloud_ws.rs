@@ -37,15 +37,15 @@ use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 
 use super::AppState;
-use super::render::{self, REPLAY_PAGE};
+use super::render;
+use super::replay::REPLAY_PAGE;
 use super::security::{StreamCredential, stream_credential};
 use super::views::parse_event_id;
 use super::ws::{self, Incoming, RateLimit, Socket};
-use crate::bus::{Dialect, Envelope, EnvelopeKind, SharedEnvelope};
+use crate::bus::{Dialect, EnvelopeKind, SharedEnvelope};
 use crate::domain::ids::TenantId;
 use crate::domain::patterns::{EventPattern, InvalidPattern, PatternSet};
 use crate::hub::{Connection, Filter, Next};
-use crate::publish::event_object;
 
 /// Messages a client may send at once before it is throttled.
 pub const BURST: u32 = 60;
@@ -334,31 +334,22 @@ impl Session {
     /// Sends the matching durable events after `after` from the log, then drops the
     /// live copies of what was sent.
     async fn replay(&mut self, after: i64) -> Result<(), Stop> {
+        // The live feed is in place: reads that begin from now on may be shared.
+        let live_since = std::time::Instant::now();
         let mut cursor = after;
         loop {
-            let page = render::events_after(&self.state, self.tenant, cursor, None)
+            let page = self
+                .state
+                .replay
+                .page(&self.state.store, self.tenant, cursor, None, live_since)
                 .await
                 .map_err(|e| replay_failed(&e, Some(cursor)))?;
-            for event in &page {
+            for event in page.iter() {
                 if !self.patterns.matches(&event.kind) {
                     continue;
                 }
-                let payload = bytes::Bytes::from(event_object(event).to_string());
-                let Ok(envelope) = Envelope::event(
-                    self.tenant,
-                    event.job_id,
-                    u64::try_from(event.id).unwrap_or(0),
-                    &event.kind,
-                    payload,
-                ) else {
-                    continue;
-                };
-                // Rendered for this connection only: a replay is not shared.
-                if let Some(message) = render::cloud_frame(&self.state, &envelope)
-                    .await
-                    .and_then(ws::message)
-                {
-                    self.send(message).await?;
+                if let Some(envelope) = self.state.replay.envelope(event) {
+                    self.send_envelope(&envelope).await?;
                 }
             }
             cursor = page.last().map_or(cursor, |e| e.id);

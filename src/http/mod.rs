@@ -13,6 +13,7 @@ pub mod inputs;
 pub mod keys;
 pub mod problem;
 pub mod render;
+pub mod replay;
 pub mod runner;
 pub mod runner_types;
 pub mod security;
@@ -69,6 +70,8 @@ pub struct AppState {
     pub session_ttl: Duration,
     /// The fleet's `/object_info`, rendered once per change of the worker set.
     pub object_info: Arc<comfy_files::ObjectInfoCache>,
+    /// Event-log reads and replayed envelopes shared by resuming streams.
+    pub replay: Arc<replay::ReplayLog>,
 }
 
 impl AppState {

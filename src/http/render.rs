@@ -9,8 +9,8 @@
 //! | cloud WS (002) | `{"type":"event",…}` with a job payload (outputs read from the store) | `job.progress` event | – |
 //! | SSE (003) | the job's full status snapshot, with `id:` | – | – |
 //!
-//! Also here: the snapshot of seed 003 and the event-log replay every stream uses to
-//! resume (`since`, `Last-Event-ID`, a hub resync).
+//! Also here: the snapshot of seed 003. The event-log reads every stream uses to
+//! resume (`since`, `Last-Event-ID`, a hub resync) are in [`super::replay`].
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde_json::{Map, Value, json};
@@ -20,33 +20,8 @@ use crate::bus::{Envelope, EnvelopeKind, Frame, meta_keys};
 use crate::domain::ids::{JobId, TenantId};
 use crate::domain::job::JobStatus;
 use crate::store::StoreError;
-use crate::store::events::{EventQuery, StoredEvent};
+use crate::store::events::EventQuery;
 use crate::store::jobs::Job;
-
-/// Events read from the log per round trip while replaying.
-pub const REPLAY_PAGE: i64 = 500;
-
-/// The next page of the tenant's durable events after `since`, oldest first;
-/// shorter than [`REPLAY_PAGE`] when it reaches the end of the log.
-pub async fn events_after(
-    state: &AppState,
-    tenant: TenantId,
-    since: i64,
-    job: Option<JobId>,
-) -> Result<Vec<StoredEvent>, StoreError> {
-    state
-        .store
-        .list_events(
-            tenant,
-            &EventQuery {
-                since: Some(since),
-                job,
-                limit: REPLAY_PAGE,
-                ..EventQuery::default()
-            },
-        )
-        .await
-}
 
 /// The id of the tenant's newest event (0 if none): where a stream that was not
 /// asked to resume would replay from after a resync.

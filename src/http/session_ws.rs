@@ -38,7 +38,8 @@ use poem::{Request, Response, handler};
 use tokio_tungstenite::tungstenite::Message;
 
 use super::AppState;
-use super::render::{self, REPLAY_PAGE};
+use super::render;
+use super::replay::REPLAY_PAGE;
 use super::security::{CredentialForm, StreamCredential, stream_credential};
 use super::views::parse_event_id;
 use super::ws::{self, Incoming, Socket};
@@ -285,12 +286,17 @@ impl Session {
             .as_ref()
             .filter(|set| set.len() == 1)
             .and_then(|set| set.iter().next().copied());
+        // The live feed is in place: reads that begin from now on may be shared.
+        let live_since = std::time::Instant::now();
         let mut cursor = after;
         loop {
-            let page = render::events_after(&self.state, self.tenant, cursor, single)
+            let page = self
+                .state
+                .replay
+                .page(&self.state.store, self.tenant, cursor, single, live_since)
                 .await
                 .map_err(|e| replay_failed(&e, Some(cursor)))?;
-            for event in &page {
+            for event in page.iter() {
                 if self.wants(event.job_id) {
                     self.send(ws::text(event_object(event).to_string())).await?;
                 }

@@ -496,7 +496,11 @@ async fn concurrent_submits_share_a_transaction_and_each_gets_its_own_answer() {
     assert!(matches!(results[33], Err(StoreError::Conflict(_))));
 
     let page = get_json(&app, &t.admin_key, "/developer/api/v1/jobs?limit=200").await;
-    assert_eq!(page["jobs"].as_array().unwrap().len(), 32, "nothing twice, nothing lost");
+    assert_eq!(
+        page["jobs"].as_array().unwrap().len(),
+        32,
+        "nothing twice, nothing lost"
+    );
     let log = get_json(&app, &t.admin_key, "/api/admin/events?type=job.*&limit=500").await;
     assert_eq!(log.as_array().unwrap().len(), 64);
 }

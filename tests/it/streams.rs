@@ -556,7 +556,10 @@ async fn streams_cloud_ping_subscribe_wildcards_and_unsubscribe() {
     let marker = create_job(&app, &t).await;
     cancel_job(&app, &t, marker).await;
     let event = next_json(&mut ws).await;
-    assert_eq!(event["data"]["event"], "job.cancelled", "progress 33 leaked");
+    assert_eq!(
+        event["data"]["event"], "job.cancelled",
+        "progress 33 leaked"
+    );
     assert_eq!(event["data"]["payload"]["id"], marker.to_string());
     let reply = subscribe(&mut ws, &["job.*"]).await;
     assert_eq!(reply["data"]["events"], json!(["job.cancelled", "job.*"]));

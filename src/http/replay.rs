@@ -1,0 +1,175 @@
+//! Shared reads of the event log for streams that resume.
+//!
+//! After a pod restart every client comes back at once, and most resume from the
+//! same `since`. Each reading the log on its own (and rendering every replayed event
+//! on its own, with a store read for each completed job's outputs) ran the pool dry
+//! in the storm bench, and the streams that timed out were closed and came back
+//! again. Here concurrent reads of one page are one query, and a replayed event is
+//! one [`SharedEnvelope`] per pod, rendered once per dialect like a live one.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use tokio::sync::OnceCell;
+
+use crate::bus::{Envelope, SharedEnvelope};
+use crate::domain::ids::{JobId, TenantId};
+use crate::publish::event_object;
+use crate::store::events::{EventQuery, StoredEvent};
+use crate::store::{Store, StoreError};
+
+/// Events read from the log per round trip while replaying.
+pub const REPLAY_PAGE: i64 = 500;
+
+/// Replayed events kept as shared envelopes.
+const ENVELOPES_KEPT: usize = 8192;
+/// How long a kept envelope is reused: its rendered frames carry signed links,
+/// which should not reach a client close to their expiry.
+const ENVELOPE_REUSE: Duration = Duration::from_secs(60);
+/// Page reads older than this are forgotten (no stream can join them any more).
+const READ_KEPT: Duration = Duration::from_secs(5);
+
+pub type Page = Arc<[StoredEvent]>;
+
+#[derive(Default)]
+pub struct ReplayLog {
+    reads: Mutex<HashMap<PageKey, Arc<PageRead>>>,
+    envelopes: Mutex<Envelopes>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct PageKey {
+    tenant: TenantId,
+    after: i64,
+    job: Option<JobId>,
+}
+
+struct PageRead {
+    started: Instant,
+    page: OnceCell<Result<Page, Arc<StoreError>>>,
+}
+
+#[derive(Default)]
+struct Envelopes {
+    by_id: HashMap<i64, (Instant, SharedEnvelope)>,
+    order: VecDeque<i64>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl ReplayLog {
+    /// The next page of the tenant's events after `after` (of one job, if given),
+    /// oldest first; shorter than [`REPLAY_PAGE`] at the end of the log.
+    ///
+    /// The read began no earlier than `not_before`: a stream passes the moment its
+    /// live feed was in place, and a read that began before then may lack what
+    /// committed in between, so it is not shared with that stream.
+    pub async fn page(
+        &self,
+        store: &Store,
+        tenant: TenantId,
+        after: i64,
+        job: Option<JobId>,
+        not_before: Instant,
+    ) -> Result<Page, Arc<StoreError>> {
+        let key = PageKey { tenant, after, job };
+        let read = {
+            let mut reads = lock(&self.reads);
+            match reads.get(&key) {
+                Some(read) if read.started >= not_before => read.clone(),
+                _ => {
+                    let now = Instant::now();
+                    reads.retain(|_, r| now.duration_since(r.started) < READ_KEPT);
+                    let read = Arc::new(PageRead {
+                        started: now,
+                        page: OnceCell::new(),
+                    });
+                    reads.insert(key, read.clone());
+                    read
+                }
+            }
+        };
+        read.page
+            .get_or_init(|| async {
+                let query = EventQuery {
+                    since: Some(after),
+                    job,
+                    limit: REPLAY_PAGE,
+                    ..EventQuery::default()
+                };
+                store
+                    .list_events(tenant, &query)
+                    .await
+                    .map(Page::from)
+                    .map_err(Arc::new)
+            })
+            .await
+            .clone()
+    }
+
+    /// The event as an envelope shared by every stream of this pod that replays it.
+    pub fn envelope(&self, event: &StoredEvent) -> Option<SharedEnvelope> {
+        let now = Instant::now();
+        let mut kept = lock(&self.envelopes);
+        if let Some((made, envelope)) = kept.by_id.get(&event.id)
+            && now.duration_since(*made) < ENVELOPE_REUSE
+        {
+            return Some(envelope.clone());
+        }
+        let payload = bytes::Bytes::from(event_object(event).to_string());
+        let envelope = Envelope::event(
+            event.tenant_id,
+            event.job_id,
+            u64::try_from(event.id).ok()?,
+            &event.kind,
+            payload,
+        )
+        .ok()?;
+        let shared = SharedEnvelope::new(envelope);
+        if kept.by_id.insert(event.id, (now, shared.clone())).is_none() {
+            kept.order.push_back(event.id);
+        }
+        while kept.order.len() > ENVELOPES_KEPT {
+            if let Some(old) = kept.order.pop_front() {
+                kept.by_id.remove(&old);
+            }
+        }
+        Some(shared)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn event(id: i64) -> StoredEvent {
+        StoredEvent {
+            id,
+            tenant_id: TenantId::default(),
+            kind: "job.queued".into(),
+            severity: "info".into(),
+            message: "queued".into(),
+            data: json!({}),
+            job_id: None,
+            created_at: chrono::Utc::now(),
+        }
+    }
+
+    #[test]
+    fn a_replayed_event_is_one_shared_envelope_and_the_oldest_are_dropped() {
+        let log = ReplayLog::default();
+        let a = log.envelope(&event(1)).unwrap();
+        let b = log.envelope(&event(1)).unwrap();
+        assert!(SharedEnvelope::ptr_eq(&a, &b));
+        for id in 2..=(ENVELOPES_KEPT as i64 + 1) {
+            log.envelope(&event(id)).unwrap();
+        }
+        let c = log.envelope(&event(1)).unwrap();
+        assert!(!SharedEnvelope::ptr_eq(&a, &c), "evicted, so made afresh");
+        assert!(lock(&log.envelopes).by_id.len() <= ENVELOPES_KEPT);
+    }
+}
