@@ -162,6 +162,11 @@ impl Store {
         .fetch_one(&mut *tx)
         .await?;
         let job = super::jobs::fetch_job(&mut tx, tenant, id).await?;
+        // In the claim's commit rather than a heartbeat of its own.
+        sqlx::query("UPDATE workers SET status = 'busy', last_heartbeat_at = now() WHERE id = $1")
+            .bind(worker.as_uuid())
+            .execute(&mut *tx)
+            .await?;
         let facts = JobFacts {
             id,
             workflow_id: job.workflow_id.as_deref(),
@@ -185,8 +190,10 @@ impl Store {
         job: JobId,
         lease: Duration,
     ) -> Result<Lease, StoreError> {
+        // The worker's heartbeat rides along: a worker busy with a long job is alive.
         let row: Option<(bool,)> = sqlx::query_as(
-            "UPDATE jobs SET lease_expires_at = now() + make_interval(secs => $4) \
+            "WITH alive AS (UPDATE workers SET last_heartbeat_at = now() WHERE id = $3) \
+             UPDATE jobs SET lease_expires_at = now() + make_interval(secs => $4) \
              WHERE tenant_id = $1 AND id = $2 AND worker_id = $3 AND status = 'running' \
              RETURNING cancel_requested_at IS NOT NULL",
         )

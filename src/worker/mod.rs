@@ -22,6 +22,9 @@ use crate::store::workers::WorkerRegistration;
 use comfy::{ComfyClient, ComfyError};
 use control::Control;
 
+/// How often a worker looks for jobs whose worker died, at most.
+const REAP_EVERY: Duration = Duration::from_secs(1);
+
 /// How a worker behaves.
 #[derive(Clone, Debug)]
 pub struct WorkerSettings {
@@ -156,12 +159,19 @@ impl Worker {
         });
         let mut heartbeat = tokio::time::interval(self.settings.heartbeat);
         let mut link = job::ComfyLink::new(&self);
+        let mut last_reap: Option<tokio::time::Instant> = None;
+        // The claim marks the worker busy; it is marked idle when it runs out of work,
+        // not between two jobs.
+        let mut busy = false;
         let result = loop {
             if shutdown.is_cancelled() {
                 break Ok(());
             }
-            if let Err(e) = self.reap().await {
-                tracing::warn!(error = %e, "lease reaping failed");
+            if last_reap.is_none_or(|at| at.elapsed() >= REAP_EVERY) {
+                last_reap = Some(tokio::time::Instant::now());
+                if let Err(e) = self.reap().await {
+                    tracing::warn!(error = %e, "lease reaping failed");
+                }
             }
             match self
                 .store
@@ -169,13 +179,16 @@ impl Worker {
                 .await
             {
                 Ok(Some(claimed)) => {
+                    busy = true;
                     self.publisher.events(&claimed.events).await;
-                    let _ = self.store.worker_heartbeat(self.id, "busy").await;
                     job::run(&self, claimed.job, &mut link, &mut cancels_rx, &shutdown).await;
-                    let _ = self.store.worker_heartbeat(self.id, "idle").await;
                     continue;
                 }
-                Ok(None) => {}
+                Ok(None) => {
+                    if busy && self.store.worker_heartbeat(self.id, "idle").await.is_ok() {
+                        busy = false;
+                    }
+                }
                 Err(e) => tracing::warn!(error = %e, "claiming failed"),
             }
             tokio::select! {

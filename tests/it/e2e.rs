@@ -21,11 +21,22 @@ const DEADLINE: Duration = Duration::from_secs(45);
 
 // ------------------------------------------------------------ a small WebDriver client
 
-/// A chromedriver process; killed when dropped.
+/// A chromedriver process in a process group of its own; the group (Chromium
+/// included, even if a session was never closed) is killed when dropped.
 struct Driver {
     url: String,
     http: reqwest::Client,
     _process: tokio::process::Child,
+    group: Option<u32>,
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        if let Some(group) = self.group.and_then(|g| i32::try_from(g).ok()) {
+            // SAFETY: killpg only sends a signal; the group is the one started here.
+            unsafe { libc::killpg(group, libc::SIGKILL) };
+        }
+    }
 }
 
 impl Driver {
@@ -46,9 +57,12 @@ impl Driver {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .kill_on_drop(true)
+            .process_group(0)
             .spawn()
             .expect("chromedriver starts");
+        let group = process.id();
         let driver = Driver {
+            group,
             url: format!("http://127.0.0.1:{port}"),
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(60))
