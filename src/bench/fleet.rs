@@ -403,6 +403,8 @@ struct StormShared {
 struct ClientRun {
     delivery: Delivery,
     came_back: Option<Instant>,
+    /// The highest `since` the client resubscribed with.
+    resumed_from: Option<i64>,
 }
 
 /// `storm`: N clients subscribed to `job.*` while jobs run; the pod is killed
@@ -509,14 +511,17 @@ pub async fn storm(
 
     let mut delivery = Delivery::default();
     let mut missed = 0u64;
+    let mut missed_behind_resume = 0u64;
     let mut last_back = None;
     let mut back_after_kill = Latencies::new();
     for c in clients {
         let Ok(run) = c.await else { continue };
-        missed += log
-            .iter()
-            .filter(|(id, _)| !run.delivery.has(*id as u64))
-            .count() as u64;
+        for (id, _) in log.iter().filter(|(id, _)| !run.delivery.has(*id as u64)) {
+            missed += 1;
+            if run.resumed_from.is_some_and(|since| *id <= since) {
+                missed_behind_resume += 1;
+            }
+        }
         delivery.merge(&run.delivery);
         if let Some(t) = run.came_back {
             last_back = last_back.max(Some(t));
@@ -551,6 +556,7 @@ pub async fn storm(
         jobs_submitted: submitted,
         durable_events: log.len() as u64,
         missed,
+        missed_behind_resume,
         duplicates: delivery.duplicates,
     });
     Ok(())
@@ -683,8 +689,10 @@ async fn storm_client(
                 _ = stop.cancelled() => return run,
                 _ = tokio::time::sleep(delay) => {}
             }
-            match open_events_socket(&access, Some(last_id.unwrap_or(0))).await {
+            let since = last_id.unwrap_or(0);
+            match open_events_socket(&access, Some(since)).await {
                 Ok(s) => {
+                    run.resumed_from = run.resumed_from.max(Some(since));
                     let now = Instant::now();
                     if run.came_back.is_none()
                         && killed_at

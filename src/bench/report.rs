@@ -82,6 +82,9 @@ pub struct StormFigures {
     pub durable_events: u64,
     /// Durable events some client never received (over all clients; must be 0).
     pub missed: u64,
+    /// Of those, events with an id below a `since` the client resumed from: it had
+    /// seen a later event live before this one arrived (delivered out of id order).
+    pub missed_behind_resume: u64,
     pub duplicates: u64,
 }
 
@@ -245,8 +248,8 @@ impl Report {
             )?;
             writeln!(
                 out,
-                "durable: {} jobs, {} job.* events in the log, missed {}, duplicates {}",
-                s.jobs_submitted, s.durable_events, s.missed, s.duplicates
+                "durable: {} jobs, {} job.* events in the log, missed {} ({} behind a resume point), duplicates {}",
+                s.jobs_submitted, s.durable_events, s.missed, s.missed_behind_resume, s.duplicates
             )?;
         }
         Ok(())
