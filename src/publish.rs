@@ -11,7 +11,7 @@ use bytes::Bytes;
 use chrono::SecondsFormat;
 use serde_json::{Value, json};
 
-use crate::bus::{Bus, Envelope, EnvelopeKind, Meta};
+use crate::bus::{Bus, Envelope, EnvelopeKind, Meta, meta_keys};
 use crate::domain::ids::{JobId, TenantId};
 use crate::store::events::StoredEvent;
 
@@ -126,7 +126,13 @@ impl Publisher {
                 e.id as u64,
                 &e.kind,
                 payload,
-            ) {
+            )
+            .and_then(|mut env| {
+                if let Some(prev) = e.prev_id {
+                    env.meta = env.meta.with(meta_keys::PREV, &prev.to_string())?;
+                }
+                Ok(env)
+            }) {
                 Ok(env) => env,
                 Err(err) => {
                     tracing::error!(error = %err, kind = %e.kind, "event type does not fit an envelope");

@@ -150,6 +150,7 @@ impl Target {
                     data: json!({"seq": seq, "t_us": now_micros(), "pad": pad}),
                     job_id: None,
                     created_at: chrono::Utc::now(),
+                    prev_id: None,
                 };
                 cf.publisher.events(std::slice::from_ref(&event)).await;
                 Ok(())

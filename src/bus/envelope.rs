@@ -46,6 +46,9 @@ pub mod meta_keys {
     pub const NODE: &str = "node";
     /// The preview's media type (`image/jpeg`, `image/png`).
     pub const MIME: &str = "mime";
+    /// An event's predecessor in its tenant's log (decimal id): lets a pod put
+    /// events that reached it out of order back in log order.
+    pub const PREV: &str = "prev";
 }
 
 /// What an envelope carries; decides how the hub delivers it.
@@ -311,6 +314,11 @@ impl Envelope {
     /// The `type` meta entry, which event patterns match against.
     pub fn event_type(&self) -> Option<&str> {
         self.meta.get(meta_keys::TYPE)
+    }
+
+    /// An event's predecessor in its tenant's log, when the publisher knew it.
+    pub fn prev_event_id(&self) -> Option<u64> {
+        self.meta.get(meta_keys::PREV)?.parse().ok()
     }
 
     pub fn encoded_len(&self) -> usize {

@@ -156,6 +156,7 @@ mod tests {
             data: json!({}),
             job_id: None,
             created_at: chrono::Utc::now(),
+            prev_id: None,
         }
     }
 

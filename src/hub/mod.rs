@@ -54,6 +54,7 @@
 //! }
 //! ```
 
+mod order;
 pub mod outbox;
 
 use std::collections::HashMap;
@@ -67,6 +68,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::bus::{Bus, BusItem, Envelope};
 use crate::domain::ids::TenantId;
+use order::EventOrder;
 
 pub use outbox::{
     CLOSE_GOING_AWAY, CLOSE_TOO_SLOW, CloseReason, Next, Outbox, OutboxLimits, OutboxStats,
@@ -244,24 +246,30 @@ async fn pump(hub: Arc<HubInner>, feed: Arc<Feed>) {
     };
     feed.ready.send_replace(true);
     if let Some(mut subscription) = subscription {
+        let mut order = EventOrder::default();
         let mut burst = Vec::with_capacity(BURST);
         loop {
+            let held_until = order.deadline();
             tokio::select! {
                 _ = feed.stop.cancelled() => break,
+                _ = tokio::time::sleep_until(held_until.unwrap_or_else(tokio::time::Instant::now)),
+                    if held_until.is_some() => order.release(&mut burst),
                 item = subscription.recv() => match item {
                     None => break,
                     Some(item) => {
-                        burst.push(item);
-                        while burst.len() < BURST {
+                        order.admit(item, &mut burst);
+                        for _ in 1..BURST {
                             match subscription.try_recv() {
-                                Some(item) => burst.push(item),
+                                Some(item) => order.admit(item, &mut burst),
                                 None => break,
                             }
                         }
-                        feed.deliver(&burst);
-                        burst.clear();
                     }
                 },
+            }
+            if !burst.is_empty() {
+                feed.deliver(&burst);
+                burst.clear();
             }
         }
     }

@@ -25,6 +25,9 @@ pub struct StoredEvent {
     pub data: Value,
     pub job_id: Option<JobId>,
     pub created_at: DateTime<Utc>,
+    /// The tenant's event just before this one in the log; known when the event
+    /// was just appended (0 for a tenant's first), `None` when read back.
+    pub prev_id: Option<i64>,
 }
 
 #[derive(FromRow)]
@@ -38,6 +41,8 @@ struct EventRow {
     data: Value,
     job_id: Option<Uuid>,
     created_at: DateTime<Utc>,
+    #[sqlx(default)]
+    prev_id: Option<i64>,
 }
 
 impl From<EventRow> for StoredEvent {
@@ -51,6 +56,7 @@ impl From<EventRow> for StoredEvent {
             data: r.data,
             job_id: r.job_id.map(JobId::from_uuid),
             created_at: r.created_at,
+            prev_id: r.prev_id,
         }
     }
 }
@@ -94,13 +100,17 @@ pub(super) async fn append(
     let data: Vec<&Value> = events.iter().map(|e| &e.data).collect();
     let jobs: Vec<Option<Uuid>> = events.iter().map(|e| e.job.map(|j| j.as_uuid())).collect();
     // Rows are produced in `n` order, so the identity hands out ids in that order.
+    // Under the lock, the tenant's newest event so far is the first one's predecessor.
     let rows: Vec<EventRow> = sqlx::query_as(&format!(
-        "INSERT INTO events (tenant_id, type, severity, message, data, job_id) \
-         SELECT $1, e.type, e.severity, e.message, e.data, e.job_id \
-         FROM unnest($2::text[], $3::text[], $4::text[], $5::jsonb[], $6::uuid[]) \
-              WITH ORDINALITY AS e(type, severity, message, data, job_id, n) \
-         ORDER BY e.n \
-         RETURNING {EVENT_COLUMNS}"
+        "WITH newest AS (SELECT coalesce(max(id), 0) AS id FROM events WHERE tenant_id = $1), \
+         appended AS ( \
+            INSERT INTO events (tenant_id, type, severity, message, data, job_id) \
+            SELECT $1, e.type, e.severity, e.message, e.data, e.job_id \
+            FROM unnest($2::text[], $3::text[], $4::text[], $5::jsonb[], $6::uuid[]) \
+                 WITH ORDINALITY AS e(type, severity, message, data, job_id, n) \
+            ORDER BY e.n \
+            RETURNING {EVENT_COLUMNS}) \
+         SELECT appended.*, (SELECT id FROM newest) AS prev_id FROM appended"
     ))
     .bind(tenant.as_uuid())
     .bind(&kinds)
@@ -112,6 +122,9 @@ pub(super) async fn append(
     .await?;
     let mut stored: Vec<StoredEvent> = rows.into_iter().map(StoredEvent::from).collect();
     stored.sort_by_key(|e| e.id);
+    for i in 1..stored.len() {
+        stored[i].prev_id = Some(stored[i - 1].id);
+    }
     if stored.len() != events.len() {
         return Err(StoreError::Corrupt(format!(
             "appended {} events, stored {}",

@@ -422,7 +422,7 @@ async fn the_queue_view_lists_waiting_and_finished_jobs() {
 }
 
 /// A job for the store's submit, with an idempotency key when given.
-fn new_job(key: Option<(&str, u8)>) -> comfyfleet::store::jobs::NewJob {
+pub(crate) fn new_job(key: Option<(&str, u8)>) -> comfyfleet::store::jobs::NewJob {
     comfyfleet::store::jobs::NewJob {
         id: Default::default(),
         workflow_id: None,

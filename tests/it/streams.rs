@@ -1234,3 +1234,36 @@ async fn streams_session_is_attached_when_the_handshake_ends() {
         assert_eq!(first["data"]["prompt_id"], job.to_string());
     }
 }
+
+#[tokio::test]
+async fn streams_events_published_out_of_log_order_arrive_in_log_order() {
+    let app = spawn_app().await;
+    let t = app.tenant("acme").await;
+    let mut ws = cloud_connect(&app.base, &t.admin_key).await;
+    subscribe(&mut ws, &["job.*"]).await;
+    // The pod's feed passes on its first event as it comes: it has nothing to
+    // compare it with yet.
+    create_job(&app, &t).await;
+    for _ in 0..2 {
+        next_json(&mut ws).await;
+    }
+    // Committed but not yet published, as a worker's or another pod's would be.
+    let submitted = app
+        .store
+        .submit_job(t.id, crate::jobs::new_job(None))
+        .await
+        .unwrap();
+    let comfyfleet::store::jobs::Submitted::Created(job, events) = submitted else {
+        panic!("expected a new job");
+    };
+    assert_eq!(events[1].prev_id, Some(events[0].id));
+    // Two publishers racing: the later event reaches Redis first.
+    app.state.publisher.events(&events[1..]).await;
+    app.state.publisher.events(&events[..1]).await;
+    let first = next_json(&mut ws).await;
+    let second = next_json(&mut ws).await;
+    assert_eq!(first["data"]["event"], "job.accepted");
+    assert_eq!(second["data"]["event"], "job.queued");
+    assert!(event_num(&first) < event_num(&second));
+    assert_eq!(second["data"]["payload"]["id"], job.id.to_string());
+}
