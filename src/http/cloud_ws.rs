@@ -153,7 +153,12 @@ impl Session {
         // The rare paths that await the store are boxed (here, client messages,
         // replays, a first rendering): a connection task is allocated at the size of
         // its largest await state, and an idle socket should not pay for them.
-        match Box::pin(render::newest_event_id(&self.state, self.tenant, None)).await {
+        let attached = std::time::Instant::now();
+        let newest = self
+            .state
+            .replay
+            .newest(&self.state.store, self.tenant, attached);
+        match Box::pin(newest).await {
             Ok(id) => self.baseline = id,
             Err(e) => return replay_failed(&e, None),
         }

@@ -34,7 +34,8 @@ pub type Page = Arc<[StoredEvent]>;
 
 #[derive(Default)]
 pub struct ReplayLog {
-    reads: Mutex<HashMap<PageKey, Arc<PageRead>>>,
+    pages: SharedReads<PageKey, Page>,
+    newest: SharedReads<TenantId, i64>,
     envelopes: Mutex<Envelopes>,
 }
 
@@ -45,9 +46,53 @@ struct PageKey {
     job: Option<JobId>,
 }
 
-struct PageRead {
+/// Reads of the store that concurrent streams share: a stream joins a read of the
+/// same key that began no earlier than its `not_before`, or starts one.
+struct SharedReads<K, V> {
+    reads: Mutex<HashMap<K, Arc<Read<V>>>>,
+}
+
+struct Read<V> {
     started: Instant,
-    page: OnceCell<Result<Page, Arc<StoreError>>>,
+    value: OnceCell<Result<V, Arc<StoreError>>>,
+}
+
+impl<K, V> Default for SharedReads<K, V> {
+    fn default() -> Self {
+        Self {
+            reads: Mutex::default(),
+        }
+    }
+}
+
+impl<K: Copy + Eq + std::hash::Hash, V: Clone> SharedReads<K, V> {
+    async fn get<F, Fut>(&self, key: K, not_before: Instant, read: F) -> Result<V, Arc<StoreError>>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<V, StoreError>>,
+    {
+        let shared = {
+            let mut reads = lock(&self.reads);
+            match reads.get(&key) {
+                Some(r) if r.started >= not_before => r.clone(),
+                _ => {
+                    let now = Instant::now();
+                    reads.retain(|_, r| now.duration_since(r.started) < READ_KEPT);
+                    let r = Arc::new(Read {
+                        started: now,
+                        value: OnceCell::new(),
+                    });
+                    reads.insert(key, r.clone());
+                    r
+                }
+            }
+        };
+        shared
+            .value
+            .get_or_init(|| async { read().await.map_err(Arc::new) })
+            .await
+            .clone()
+    }
 }
 
 #[derive(Default)]
@@ -76,38 +121,37 @@ impl ReplayLog {
         not_before: Instant,
     ) -> Result<Page, Arc<StoreError>> {
         let key = PageKey { tenant, after, job };
-        let read = {
-            let mut reads = lock(&self.reads);
-            match reads.get(&key) {
-                Some(read) if read.started >= not_before => read.clone(),
-                _ => {
-                    let now = Instant::now();
-                    reads.retain(|_, r| now.duration_since(r.started) < READ_KEPT);
-                    let read = Arc::new(PageRead {
-                        started: now,
-                        page: OnceCell::new(),
-                    });
-                    reads.insert(key, read.clone());
-                    read
-                }
-            }
-        };
-        read.page
-            .get_or_init(|| async {
+        self.pages
+            .get(key, not_before, || async {
                 let query = EventQuery {
                     since: Some(after),
                     job,
                     limit: REPLAY_PAGE,
                     ..EventQuery::default()
                 };
-                store
-                    .list_events(tenant, &query)
-                    .await
-                    .map(Page::from)
-                    .map_err(Arc::new)
+                store.list_events(tenant, &query).await.map(Page::from)
             })
             .await
-            .clone()
+    }
+
+    /// The id of the tenant's newest event (0 if none), read no earlier than
+    /// `not_before`: where a stream that was not asked to resume starts from.
+    pub async fn newest(
+        &self,
+        store: &Store,
+        tenant: TenantId,
+        not_before: Instant,
+    ) -> Result<i64, Arc<StoreError>> {
+        self.newest
+            .get(tenant, not_before, || async {
+                let query = EventQuery {
+                    limit: 1,
+                    ..EventQuery::default()
+                };
+                let newest = store.list_events(tenant, &query).await?;
+                Ok(newest.last().map_or(0, |e| e.id))
+            })
+            .await
     }
 
     /// The event as an envelope shared by every stream of this pod that replays it.

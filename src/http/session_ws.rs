@@ -176,7 +176,9 @@ async fn attach(
     let conn = state.hub.attach(tenant, filter).await;
     let baseline = match query.since {
         Some(since) => since,
-        None => render::newest_event_id(state, tenant, None)
+        None => state
+            .replay
+            .newest(&state.store, tenant, std::time::Instant::now())
             .await
             .map_err(|e| replay_failed(&e, None))?,
     };
