@@ -1,6 +1,8 @@
 //! Turning credentials into a [`Principal`], and the account operations around
 //! them (login, logout, issuing keys).
 
+use std::sync::Arc;
+
 use chrono::{Duration as ChronoDuration, Utc};
 
 use super::api_key::{self, PresentedKey};
@@ -40,6 +42,9 @@ pub struct AuthService {
     store: Store,
     signer: SessionSigner,
     session_ttl: std::time::Duration,
+    /// Keys whose use this pod is recording now, so that many requests with one key
+    /// at once (clients reconnecting after a restart) write it once, not each.
+    touching: Arc<KeySet>,
 }
 
 impl AuthService {
@@ -48,6 +53,7 @@ impl AuthService {
             store,
             signer: SessionSigner::new(jwt_secret),
             session_ttl,
+            touching: Arc::default(),
         }
     }
 
@@ -142,14 +148,16 @@ impl AuthService {
         let stale = record
             .last_used_at
             .is_none_or(|t| Utc::now() - t > ChronoDuration::seconds(60));
-        if stale {
+        let (tenant, id) = (record.tenant_id, record.id);
+        if stale && touching_set(&self.touching).insert(id.as_uuid()) {
             let store = self.store.clone();
-            let (tenant, id) = (record.tenant_id, record.id);
+            let touching = self.touching.clone();
             // Bookkeeping only: the request does not wait for it.
             tokio::spawn(async move {
                 if let Err(e) = store.touch_api_key(tenant, id).await {
                     tracing::warn!(error = %e, "could not record API key use");
                 }
+                touching_set(&touching).remove(&id.as_uuid());
             });
         }
         Ok(Principal {
@@ -219,4 +227,11 @@ impl AuthService {
             .await?;
         Ok((record, key))
     }
+}
+
+type KeySet = std::sync::Mutex<std::collections::HashSet<uuid::Uuid>>;
+
+fn touching_set(set: &KeySet) -> std::sync::MutexGuard<'_, std::collections::HashSet<uuid::Uuid>> {
+    // A poisoned set only means a skipped or repeated write: harmless.
+    set.lock().unwrap_or_else(|e| e.into_inner())
 }
