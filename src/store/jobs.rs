@@ -151,18 +151,40 @@ impl TryFrom<JobRow> for Job {
     }
 }
 
+/// The job columns of a `FROM jobs j` query, without the queue position.
+macro_rules! job_columns {
+    () => {
+        "j.id, j.tenant_id, j.status, j.workflow_id, j.graph, j.params, \
+        j.seeds, j.client_id, j.extra_data, j.priority, j.required_nodes, j.required_models, \
+        j.input_files, j.time_limit_secs, j.cause, j.attempts, j.created_at, j.queued_at, j.started_at, \
+        j.completed_at, j.cancel_requested_at, j.comfy_number"
+    };
+}
+
 /// The job columns plus its live queue position, for a `FROM jobs j` query.
-const JOB_SELECT: &str = "SELECT j.id, j.tenant_id, j.status, j.workflow_id, j.graph, j.params, \
-    j.seeds, j.client_id, j.extra_data, j.priority, j.required_nodes, j.required_models, \
-    j.input_files, j.time_limit_secs, j.cause, j.attempts, j.created_at, j.queued_at, j.started_at, \
-    j.completed_at, j.cancel_requested_at, j.comfy_number, \
-    CASE WHEN j.status = 'queued' THEN ( \
+const JOB_SELECT: &str = concat!(
+    "SELECT ",
+    job_columns!(),
+    ", CASE WHEN j.status = 'queued' THEN ( \
         SELECT count(*) FROM jobs q \
         WHERE q.tenant_id = j.tenant_id AND q.status = 'queued' \
           AND (q.priority > j.priority OR (q.priority = j.priority \
                AND (q.queued_at, q.id) <= (j.queued_at, j.id)))) \
     END AS queue_number \
-    FROM jobs j";
+    FROM jobs j"
+);
+
+/// The same for many jobs of tenant `$1`: the queue is ranked once for all of them
+/// (counting per job would read the queue once per job).
+const JOBS_OF_TENANT_SELECT: &str = concat!(
+    "WITH queue AS ( \
+        SELECT id, row_number() OVER (ORDER BY priority DESC, queued_at, id) AS place \
+        FROM jobs WHERE tenant_id = $1 AND status = 'queued') \
+     SELECT ",
+    job_columns!(),
+    ", CASE WHEN j.status = 'queued' THEN q.place END AS queue_number \
+     FROM jobs j LEFT JOIN queue q ON q.id = j.id"
+);
 
 /// Where a page of a listing starts: after this (created_at, id).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -410,7 +432,7 @@ pub(super) async fn fetch_jobs(
     ids: &[Uuid],
 ) -> Result<std::collections::HashMap<Uuid, Job>, StoreError> {
     let rows: Vec<JobRow> = sqlx::query_as(&format!(
-        "{JOB_SELECT} WHERE j.tenant_id = $1 AND j.id = ANY($2)"
+        "{JOBS_OF_TENANT_SELECT} WHERE j.tenant_id = $1 AND j.id = ANY($2)"
     ))
     .bind(tenant.as_uuid())
     .bind(ids)
