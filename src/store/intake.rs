@@ -12,15 +12,15 @@
 //! id that is taken) is settled on its own after the batch, by the single path that
 //! knows how to answer it.
 
-use std::collections::HashMap;
 use std::collections::hash_map::Entry;
+use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
 use super::events;
-use super::jobs::{NewJob, OnConflict, Submitted, fetch_jobs, insert_job};
+use super::jobs::{NewJob, Submitted, fetch_jobs, insert_jobs};
 use super::{Store, StoreError};
 use crate::domain::events::JobFacts;
 use crate::domain::ids::TenantId;
@@ -115,6 +115,7 @@ impl Store {
     }
 
     async fn commit_batch(&self, tenant: TenantId, batch: Vec<Waiting>) {
+        tracing::trace!(%tenant, submits = batch.len(), "committing submits");
         if batch.len() > 1 {
             let jobs: Vec<&NewJob> = batch.iter().map(|w| &w.job).collect();
             match self.insert_queued_jobs(tenant, &jobs).await {
@@ -156,15 +157,14 @@ impl Store {
         jobs: &[&NewJob],
     ) -> Result<Vec<Option<Submitted>>, StoreError> {
         let mut tx = self.pool.begin().await?;
-        let mut inserted = Vec::with_capacity(jobs.len());
-        for job in jobs {
-            // `ON CONFLICT DO NOTHING` for every unique index: a collision must not
-            // abort the transaction the others are in.
-            let done = insert_job(tenant, job, OnConflict::SkipAny)
-                .execute(&mut *tx)
-                .await?;
-            inserted.push(done.rows_affected() == 1);
-        }
+        // One statement for all; a collision skips its row instead of aborting the
+        // transaction the others are in.
+        let returned = insert_jobs(&mut tx, tenant, jobs).await?;
+        let mut seen = HashSet::with_capacity(returned.len());
+        let inserted: Vec<bool> = jobs
+            .iter()
+            .map(|j| returned.contains(&j.id.as_uuid()) && seen.insert(j.id))
+            .collect();
         let ids: Vec<Uuid> = jobs
             .iter()
             .zip(&inserted)

@@ -201,7 +201,7 @@ impl Store {
         new: NewJob,
     ) -> Result<Submitted, StoreError> {
         let mut tx = self.pool.begin().await?;
-        let inserted = insert_job(tenant, &new, OnConflict::SkipSameKey)
+        let inserted = insert_job(tenant, &new)
             .execute(&mut *tx)
             .await
             // The id itself can collide only when a client chose it (a ComfyUI prompt_id).
@@ -372,39 +372,17 @@ impl Store {
     }
 }
 
-/// What an insert of a job does when it collides with an existing row.
-pub(super) enum OnConflict {
-    /// The same idempotency key: skip (the caller answers with the original job);
-    /// a taken id is still an error.
-    SkipSameKey,
-    /// Skip on any collision, so the transaction survives it.
-    SkipAny,
-}
-
-macro_rules! insert_job_sql {
-    ($on_conflict:literal) => {
-        concat!(
-            "INSERT INTO jobs (id, tenant_id, status, workflow_id, graph, params, seeds, client_id, \
-                extra_data, priority, required_nodes, required_models, input_files, \
-                idempotency_key, request_digest, time_limit_secs, comfy_number, queued_at) \
-             VALUES ($1, $2, 'queued', $3, $4::text::json, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, now()) ",
-            $on_conflict
-        )
-    };
-}
-
-/// Inserts `new` as a queued job.
+/// Inserts `new` as a queued job. A repeated idempotency key skips the insert (the
+/// caller answers with the original job); a taken id is an error.
 pub(super) fn insert_job(
     tenant: TenantId,
     new: &NewJob,
-    on_conflict: OnConflict,
 ) -> sqlx::query::Query<'_, sqlx::Postgres, sqlx::postgres::PgArguments> {
-    let sql = match on_conflict {
-        OnConflict::SkipSameKey => insert_job_sql!(
-            "ON CONFLICT (tenant_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING"
-        ),
-        OnConflict::SkipAny => insert_job_sql!("ON CONFLICT DO NOTHING"),
-    };
+    let sql = "INSERT INTO jobs (id, tenant_id, status, workflow_id, graph, params, seeds, client_id, \
+            extra_data, priority, required_nodes, required_models, input_files, \
+            idempotency_key, request_digest, time_limit_secs, comfy_number, queued_at) \
+         VALUES ($1, $2, 'queued', $3, $4::text::json, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, now()) \
+         ON CONFLICT (tenant_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING";
     sqlx::query(sql)
         .bind(new.id.as_uuid())
         .bind(tenant.as_uuid())
@@ -423,6 +401,62 @@ pub(super) fn insert_job(
         .bind(new.request_digest.as_ref().map(|d| d.as_slice()))
         .bind(new.time_limit_secs)
         .bind(new.comfy_number)
+}
+
+/// Inserts many queued jobs in one statement, skipping any that collides with an
+/// existing row (or an earlier one of the same statement). Returns the ids inserted.
+pub(super) async fn insert_jobs(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    tenant: TenantId,
+    jobs: &[&NewJob],
+) -> Result<std::collections::HashSet<Uuid>, StoreError> {
+    let strings = |values: &[String]| Value::from(values.to_vec());
+    let rows: Vec<(Uuid,)> = sqlx::query_as(
+        // Rows in batch order, so `queued_at` ties (one transaction, one `now()`)
+        // keep the order the submits arrived in through their time-ordered ids.
+        "INSERT INTO jobs (id, tenant_id, status, workflow_id, graph, params, seeds, client_id, \
+            extra_data, priority, required_nodes, required_models, input_files, \
+            idempotency_key, request_digest, time_limit_secs, comfy_number, queued_at) \
+         SELECT n.id, $1, 'queued', n.workflow_id, n.graph::json, n.params, n.seeds, n.client_id, \
+            n.extra_data, n.priority, \
+            ARRAY(SELECT jsonb_array_elements_text(n.required_nodes)), \
+            ARRAY(SELECT jsonb_array_elements_text(n.required_models)), \
+            ARRAY(SELECT jsonb_array_elements_text(n.input_files)), \
+            n.idempotency_key, n.request_digest, n.time_limit_secs, n.comfy_number, now() \
+         FROM unnest($2::uuid[], $3::text[], $4::text[], $5::jsonb[], $6::jsonb[], $7::text[], \
+                     $8::jsonb[], $9::int4[], $10::jsonb[], $11::jsonb[], $12::jsonb[], $13::text[], \
+                     $14::bytea[], $15::int4[], $16::float8[]) \
+              WITH ORDINALITY AS n(id, workflow_id, graph, params, seeds, client_id, extra_data, \
+                  priority, required_nodes, required_models, input_files, idempotency_key, \
+                  request_digest, time_limit_secs, comfy_number, ord) \
+         ORDER BY n.ord \
+         ON CONFLICT DO NOTHING \
+         RETURNING id",
+    )
+    .bind(tenant.as_uuid())
+    .bind(jobs.iter().map(|j| j.id.as_uuid()).collect::<Vec<_>>())
+    .bind(jobs.iter().map(|j| j.workflow_id.clone()).collect::<Vec<_>>())
+    // As text: a `Value` binds as jsonb, which would re-sort the prompt's nodes.
+    .bind(jobs.iter().map(|j| j.graph.to_string()).collect::<Vec<_>>())
+    .bind(jobs.iter().map(|j| &j.params).collect::<Vec<_>>())
+    .bind(jobs.iter().map(|j| &j.seeds).collect::<Vec<_>>())
+    .bind(jobs.iter().map(|j| j.client_id.clone()).collect::<Vec<_>>())
+    .bind(jobs.iter().map(|j| &j.extra_data).collect::<Vec<_>>())
+    .bind(jobs.iter().map(|j| j.priority).collect::<Vec<_>>())
+    .bind(jobs.iter().map(|j| strings(&j.required_nodes)).collect::<Vec<_>>())
+    .bind(jobs.iter().map(|j| strings(&j.required_models)).collect::<Vec<_>>())
+    .bind(jobs.iter().map(|j| strings(&j.input_files)).collect::<Vec<_>>())
+    .bind(jobs.iter().map(|j| j.idempotency_key.clone()).collect::<Vec<_>>())
+    .bind(
+        jobs.iter()
+            .map(|j| j.request_digest.map(|d| d.to_vec()))
+            .collect::<Vec<_>>(),
+    )
+    .bind(jobs.iter().map(|j| j.time_limit_secs).collect::<Vec<_>>())
+    .bind(jobs.iter().map(|j| j.comfy_number).collect::<Vec<_>>())
+    .fetch_all(&mut **tx)
+    .await?;
+    Ok(rows.into_iter().map(|(id,)| id).collect())
 }
 
 /// The tenant's jobs with these ids, by id.
