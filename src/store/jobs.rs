@@ -174,16 +174,20 @@ const JOB_SELECT: &str = concat!(
     FROM jobs j"
 );
 
-/// The same for many jobs of tenant `$1`: the queue is ranked once for all of them
-/// (counting per job would read the queue once per job).
-const JOBS_OF_TENANT_SELECT: &str = concat!(
-    "WITH queue AS ( \
+/// The same for the jobs of tenant `$1` with the ids `$2`: the queue is ranked once
+/// for all of them (counting per job would read the queue once per job).
+/// `MATERIALIZED`: a plan that re-ranks the queue per joined row must not be
+/// possible (one was chosen while the table was still small).
+const JOBS_BY_IDS_SELECT: &str = concat!(
+    "WITH queue AS MATERIALIZED ( \
         SELECT id, row_number() OVER (ORDER BY priority DESC, queued_at, id) AS place \
-        FROM jobs WHERE tenant_id = $1 AND status = 'queued') \
+        FROM jobs WHERE tenant_id = $1 AND status = 'queued'), \
+     wanted AS MATERIALIZED (SELECT id, place FROM queue WHERE id = ANY($2)) \
      SELECT ",
     job_columns!(),
-    ", CASE WHEN j.status = 'queued' THEN q.place END AS queue_number \
-     FROM jobs j LEFT JOIN queue q ON q.id = j.id"
+    ", CASE WHEN j.status = 'queued' THEN w.place END AS queue_number \
+     FROM jobs j LEFT JOIN wanted w ON w.id = j.id \
+     WHERE j.tenant_id = $1 AND j.id = ANY($2)"
 );
 
 /// Where a page of a listing starts: after this (created_at, id).
@@ -465,13 +469,11 @@ pub(super) async fn fetch_jobs(
     tenant: TenantId,
     ids: &[Uuid],
 ) -> Result<std::collections::HashMap<Uuid, Job>, StoreError> {
-    let rows: Vec<JobRow> = sqlx::query_as(&format!(
-        "{JOBS_OF_TENANT_SELECT} WHERE j.tenant_id = $1 AND j.id = ANY($2)"
-    ))
-    .bind(tenant.as_uuid())
-    .bind(ids)
-    .fetch_all(&mut **tx)
-    .await?;
+    let rows: Vec<JobRow> = sqlx::query_as(JOBS_BY_IDS_SELECT)
+        .bind(tenant.as_uuid())
+        .bind(ids)
+        .fetch_all(&mut **tx)
+        .await?;
     rows.into_iter()
         .map(|r| Ok((r.id, Job::try_from(r)?)))
         .collect()
