@@ -27,6 +27,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::{BufMut, Bytes, BytesMut};
+use tokio_tungstenite::tungstenite::Utf8Bytes;
 use uuid::Uuid;
 
 use crate::domain::ids::{JobId, TenantId};
@@ -452,26 +453,34 @@ impl Dialect {
 /// A rendered wire frame. Cloning shares the bytes.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Frame {
-    /// Always valid UTF-8 (build it with [`Frame::text`]).
-    Text(Bytes),
+    /// Checked as UTF-8 once, when rendered: tungstenite's type, so a WebSocket
+    /// send takes it as is instead of checking it again for every socket.
+    Text(Utf8Bytes),
     Binary(Bytes),
 }
 
 impl Frame {
     pub fn text(s: String) -> Self {
-        Self::Text(Bytes::from(s))
+        Self::Text(Utf8Bytes::from(s))
+    }
+
+    /// A text frame of bytes from elsewhere (a published payload); `None` if they
+    /// are not UTF-8.
+    pub fn text_from(bytes: Bytes) -> Option<Self> {
+        Utf8Bytes::try_from(bytes).ok().map(Self::Text)
     }
 
     pub fn bytes(&self) -> &Bytes {
         match self {
-            Self::Text(b) | Self::Binary(b) => b,
+            Self::Text(text) => text.as_ref(),
+            Self::Binary(b) => b,
         }
     }
 
     /// The text of a text frame.
     pub fn as_text(&self) -> Option<&str> {
         match self {
-            Self::Text(b) => std::str::from_utf8(b).ok(),
+            Self::Text(text) => Some(text.as_str()),
             Self::Binary(_) => None,
         }
     }

@@ -29,8 +29,8 @@
 //! - `4008`: too slow to keep up with lifecycle events: resubscribe with `since`;
 //! - `1001`: the pod is shutting down; `1011`: the log could not be read for a replay.
 
+use futures_util::SinkExt;
 use futures_util::future::Either;
-use futures_util::{SinkExt, StreamExt};
 use poem::{Request, Response, handler};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -169,9 +169,10 @@ impl Session {
         {
             return stop;
         }
+        let mut reads = ws::ReadGate::default();
         loop {
             let result = tokio::select! {
-                read = self.socket.next() => match ws::classify(read) {
+                read = reads.next(&mut self.socket) => match ws::classify(read) {
                     Incoming::Text(text) => {
                         if self.limit.allow() {
                             Box::pin(self.on_message(text.as_str())).await
@@ -183,7 +184,7 @@ impl Session {
                     Incoming::Gone => Err(Stop::Gone),
                     Incoming::Refuse(code, reason) => Err(Stop::Close(code, reason.into())),
                 },
-                next = self.conn.next() => self.on_next(next).await,
+                next = self.conn.next() => self.on_burst(next).await,
             };
             if let Err(stop) = result {
                 return stop;
@@ -309,9 +310,22 @@ impl Session {
         self.send(reply("unsubscribed", self.current())).await
     }
 
+    /// Handles `first` and what else the outbox holds now (up to [`ws::SEND_BURST`]
+    /// items), then flushes once.
+    async fn on_burst(&mut self, first: Next) -> Result<(), Stop> {
+        self.on_next(first).await?;
+        for _ in 1..ws::SEND_BURST {
+            let Some(next) = self.conn.try_next() else {
+                break;
+            };
+            self.on_next(next).await?;
+        }
+        self.socket.flush().await.map_err(|_| Stop::Gone)
+    }
+
     async fn on_next(&mut self, next: Next) -> Result<(), Stop> {
         match next {
-            Next::Envelope(env) => self.send_envelope(&env).await,
+            Next::Envelope(env) => self.feed_envelope(&env).await,
             Next::Resync => {
                 let after = self
                     .conn
@@ -323,15 +337,18 @@ impl Session {
         }
     }
 
-    async fn send_envelope(&mut self, env: &SharedEnvelope) -> Result<(), Stop> {
+    async fn feed_envelope(&mut self, env: &SharedEnvelope) -> Result<(), Stop> {
         let state = &self.state;
         let frame = env
             .rendered_async(Dialect::CloudWs, |env| async move {
                 Box::pin(render::cloud_frame(state, &env)).await
             })
             .await;
-        match frame.and_then(ws::message) {
-            Some(message) => self.send(message).await,
+        match frame {
+            // Flushed by the caller, with whatever else it sends in the same burst.
+            Some(frame) => ws::feed_frame(&mut self.socket, frame)
+                .await
+                .map_err(|_| Stop::Gone),
             None => Ok(()),
         }
     }
@@ -354,9 +371,10 @@ impl Session {
                     continue;
                 }
                 if let Some(envelope) = self.state.replay.envelope(event) {
-                    self.send_envelope(&envelope).await?;
+                    self.feed_envelope(&envelope).await?;
                 }
             }
+            self.socket.flush().await.map_err(|_| Stop::Gone)?;
             cursor = page.last().map_or(cursor, |e| e.id);
             if page.len() < REPLAY_PAGE as usize {
                 break;

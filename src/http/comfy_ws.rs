@@ -14,10 +14,11 @@
 //! wrote them; previews are the workers' frames in ComfyUI's binary framing.
 
 use std::collections::HashMap;
+use std::ops::ControlFlow;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use chrono::Utc;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::SinkExt;
 use poem::http::StatusCode;
 use poem::web::Query;
 use poem::{Request, Response, handler};
@@ -178,9 +179,10 @@ impl Session {
                 return;
             }
         }
+        let mut reads = super::ws::ReadGate::default();
         loop {
             tokio::select! {
-                read = socket.next() => match classify(read) {
+                read = reads.next(&mut socket) => match classify(read) {
                     Incoming::Text(t) => {
                         if let Some(reply) = self.client_message(t.as_str())
                             && socket.send(text(reply.to_string())).await.is_err()
@@ -195,28 +197,57 @@ impl Session {
                         return;
                     }
                 },
-                next = self.conn.next() => match next {
-                    Next::Envelope(env) => {
-                        if self.is_replaced_by(&env) {
-                            super::ws::close(&mut socket, CLOSE_REPLACED,
-                                "another connection took over this clientId").await;
-                            return;
-                        }
-                        let frames = self.frames_for(&env).await;
-                        for frame in self.in_comfyui_order(&env, frames) {
-                            if super::ws::send_frame(&mut socket, frame).await.is_err() {
-                                return;
-                            }
-                        }
-                    }
-                    // A gap: lifecycle messages may have been lost; the client's
-                    // `/history` poll is the fallback, as after a ComfyUI reconnect.
-                    Next::Resync => {}
-                    Next::Close(reason) => {
-                        super::ws::close(&mut socket, reason.code(), &reason.reason()).await;
+                next = self.conn.next() => {
+                    if self.send_burst(&mut socket, next).await.is_break() {
                         return;
                     }
-                },
+                }
+            }
+        }
+    }
+
+    /// Sends `first` and what else the outbox holds now (up to [`super::ws::SEND_BURST`]
+    /// items), flushed once; `Break` when the socket is closed or gone.
+    async fn send_burst(&mut self, socket: &mut Socket, first: Next) -> ControlFlow<()> {
+        self.feed(socket, first).await?;
+        for _ in 1..super::ws::SEND_BURST {
+            let Some(next) = self.conn.try_next() else {
+                break;
+            };
+            self.feed(socket, next).await?;
+        }
+        match socket.flush().await {
+            Ok(()) => ControlFlow::Continue(()),
+            Err(_) => ControlFlow::Break(()),
+        }
+    }
+
+    async fn feed(&mut self, socket: &mut Socket, next: Next) -> ControlFlow<()> {
+        match next {
+            Next::Envelope(env) => {
+                if self.is_replaced_by(&env) {
+                    super::ws::close(
+                        socket,
+                        CLOSE_REPLACED,
+                        "another connection took over this clientId",
+                    )
+                    .await;
+                    return ControlFlow::Break(());
+                }
+                let frames = self.frames_for(&env).await;
+                for frame in self.in_comfyui_order(&env, frames) {
+                    if super::ws::feed_frame(socket, frame).await.is_err() {
+                        return ControlFlow::Break(());
+                    }
+                }
+                ControlFlow::Continue(())
+            }
+            // A gap: lifecycle messages may have been lost; the client's
+            // `/history` poll is the fallback, as after a ComfyUI reconnect.
+            Next::Resync => ControlFlow::Continue(()),
+            Next::Close(reason) => {
+                super::ws::close(socket, reason.code(), &reason.reason()).await;
+                ControlFlow::Break(())
             }
         }
     }
@@ -474,8 +505,7 @@ async fn queue_status(state: &AppState, tenant: TenantId, env: &SharedEnvelope) 
 
 /// A relayed ComfyUI message, as the worker's ComfyUI wrote it.
 fn relayed_text(env: &Envelope) -> Option<Frame> {
-    std::str::from_utf8(&env.payload).ok()?;
-    Some(Frame::Text(env.payload.clone()))
+    Frame::text_from(env.payload.clone())
 }
 
 /// Binary type 1 for sockets without preview metadata: image type (1 JPEG, 2 PNG),

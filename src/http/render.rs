@@ -63,7 +63,7 @@ fn published_at(env: &Envelope) -> String {
 /// previews as the raw image.
 pub fn session_frame(env: &Envelope) -> Option<Frame> {
     match env.kind {
-        EnvelopeKind::Event | EnvelopeKind::Progress => Some(Frame::Text(env.payload.clone())),
+        EnvelopeKind::Event | EnvelopeKind::Progress => Frame::text_from(env.payload.clone()),
         EnvelopeKind::Preview => Some(Frame::Binary(env.payload.clone())),
         _ => None,
     }

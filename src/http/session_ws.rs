@@ -33,7 +33,7 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use futures_util::{SinkExt, StreamExt};
+use futures_util::SinkExt;
 use poem::{Request, Response, handler};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -220,21 +220,35 @@ impl Session {
     }
 
     async fn run(&mut self) -> Stop {
+        let mut reads = ws::ReadGate::default();
         loop {
             tokio::select! {
-                read = self.socket.next() => match ws::classify(read) {
+                read = reads.next(&mut self.socket) => match ws::classify(read) {
                     // The seed's clients only receive; what they send is ignored.
                     Incoming::Text(_) | Incoming::Ignore => {}
                     Incoming::Gone => return Stop::Gone,
                     Incoming::Refuse(code, reason) => return Stop::Close(code, reason.into()),
                 },
                 next = self.conn.next() => {
-                    if let Err(stop) = self.handle(next).await {
+                    if let Err(stop) = self.handle_burst(next).await {
                         return stop;
                     }
                 }
             }
         }
+    }
+
+    /// Handles `next` and what else the outbox holds now (up to [`ws::SEND_BURST`]
+    /// items), then flushes once.
+    async fn handle_burst(&mut self, next: Next) -> Result<(), Stop> {
+        self.handle(next).await?;
+        for _ in 1..ws::SEND_BURST {
+            let Some(next) = self.conn.try_next() else {
+                break;
+            };
+            self.handle(next).await?;
+        }
+        self.socket.flush().await.map_err(|_| Stop::Gone)
     }
 
     async fn handle(&mut self, next: Next) -> Result<(), Stop> {
@@ -245,10 +259,10 @@ impl Session {
                     && let Some(frame) =
                         env.rendered(Dialect::SessionPreviewMeta, render::session_preview_meta)
                 {
-                    self.send_frame(frame).await?;
+                    self.feed_frame(frame).await?;
                 }
                 if let Some(frame) = env.rendered(Dialect::SessionStream, render::session_frame) {
-                    self.send_frame(frame).await?;
+                    self.feed_frame(frame).await?;
                 }
                 Ok(())
             }
@@ -261,6 +275,13 @@ impl Session {
             }
             Next::Close(reason) => Err(Stop::Close(reason.code(), reason.reason())),
         }
+    }
+
+    /// Queues a frame for the burst's flush ([`Self::handle_burst`]).
+    async fn feed_frame(&mut self, frame: crate::bus::Frame) -> Result<(), Stop> {
+        ws::feed_frame(&mut self.socket, frame)
+            .await
+            .map_err(|_| Stop::Gone)
     }
 
     async fn send_frame(&mut self, frame: crate::bus::Frame) -> Result<(), Stop> {
@@ -325,9 +346,13 @@ impl Session {
             if job.status != JobStatus::Running || !self.wants(Some(job.id)) {
                 continue;
             }
-            if let Some(state) = self.state.publisher.snapshots.get(job.id).await {
-                // Validated as UTF-8 on the way out, like every rendered frame.
-                self.send_frame(crate::bus::Frame::Text(state)).await?;
+            let snapshot = self.state.publisher.snapshots.get(job.id).await;
+            match snapshot.map(crate::bus::Frame::text_from) {
+                Some(Some(frame)) => self.send_frame(frame).await?,
+                Some(None) => {
+                    tracing::error!(job = %job.id, "a progress snapshot is not UTF-8; skipped")
+                }
+                None => {}
             }
         }
         Ok(())

@@ -9,6 +9,9 @@
 //! once per pod goes to every socket as a reference-counted handle.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
@@ -62,17 +65,26 @@ pub const CLOSE_FORBIDDEN_ORIGIN: u16 = 4003;
 
 /// Binary frames longer than this go out as fragments of this size. tungstenite
 /// keeps its write buffer at the largest size it ever reached, for the life of the
-/// socket: one 200 KB preview would leave every watcher holding 200 KB. With writes
-/// unbuffered (below) and previews fragmented, the buffer stays near this size; the
-/// fragments are slices of the shared frame, so nothing is copied for them.
+/// socket: one 200 KB preview would leave every watcher holding 200 KB. With a small
+/// write batch (below) and previews fragmented, the buffer stays near this size; the
+/// fragments are slices of the shared frame, copied only into that buffer.
 pub const FRAGMENT_BYTES: usize = 16 * 1024;
+
+/// Frames are gathered in the write buffer up to this size before they are written
+/// out, and a flush writes the rest: a connection that is behind sends what is
+/// pending with one write instead of one per frame (fewer syscalls and wake-ups on
+/// both ends just when the pod is busiest). The buffer keeps the largest size it
+/// reached, so this is also about what a busy socket holds after the burst.
+pub const WRITE_BATCH_BYTES: usize = 2 * 1024;
+
+/// Most outbox items a connection sends before it flushes; a fair share of the
+/// pod's time for each socket, however far behind it is.
+pub const SEND_BURST: usize = 32;
 
 fn config() -> WebSocketConfig {
     WebSocketConfig::default()
         .read_buffer_size(READ_BUFFER_BYTES)
-        // Each frame is written to the socket as it is sent, not gathered first: the
-        // dialects flush after every message anyway.
-        .write_buffer_size(0)
+        .write_buffer_size(WRITE_BATCH_BYTES)
         .max_message_size(Some(TRANSPORT_MAX_MESSAGE))
         .max_frame_size(Some(TRANSPORT_MAX_MESSAGE))
 }
@@ -140,30 +152,26 @@ where
 }
 
 /// The socket message for a rendered frame: shares the frame's bytes.
-pub fn message(frame: Frame) -> Option<Message> {
+pub fn message(frame: Frame) -> Message {
     match frame {
-        Frame::Text(bytes) => match Utf8Bytes::try_from(bytes) {
-            Ok(text) => Some(Message::Text(text)),
-            Err(_) => {
-                tracing::error!("a rendered text frame is not UTF-8; dropped");
-                None
-            }
-        },
-        Frame::Binary(bytes) => Some(Message::Binary(bytes)),
+        Frame::Text(text) => Message::Text(text),
+        Frame::Binary(bytes) => Message::Binary(bytes),
     }
 }
 
 /// Sends a rendered frame, a long binary one in [`FRAGMENT_BYTES`] fragments (which
 /// every WebSocket client reassembles into one message).
 pub async fn send_frame(socket: &mut Socket, frame: Frame) -> Result<(), WsError> {
+    feed_frame(socket, frame).await?;
+    socket.flush().await
+}
+
+/// Like [`send_frame`], but what fits in the write buffer waits there for the next
+/// flush: a connection that finds several frames pending sends them with one write.
+pub async fn feed_frame(socket: &mut Socket, frame: Frame) -> Result<(), WsError> {
     let bytes = match frame {
         Frame::Binary(bytes) if bytes.len() > FRAGMENT_BYTES => bytes,
-        other => {
-            return match message(other) {
-                Some(m) => socket.send(m).await,
-                None => Ok(()),
-            };
-        }
+        other => return socket.feed(message(other)).await,
     };
     let mut start = 0;
     while start < bytes.len() {
@@ -177,7 +185,7 @@ pub async fn send_frame(socket: &mut Socket, frame: Frame) -> Result<(), WsError
         socket.feed(Message::Frame(fragment)).await?;
         start = end;
     }
-    socket.flush().await
+    Ok(())
 }
 
 /// A text message from a string built for one connection (replies, replays).
@@ -199,6 +207,89 @@ pub async fn close(socket: &mut Socket, code: u16, reason: &str) {
         while let Some(Ok(_)) = socket.next().await {}
     })
     .await;
+}
+
+/// Reads a socket only after its read side has signalled, instead of every time
+/// the connection task wakes.
+///
+/// A connection task sleeps in a `select!` over the client's socket and its outbox,
+/// and a plain `select!` polls both whenever either wakes it. Stream clients send
+/// next to nothing while the outbox wakes the task for every burst, and polling the
+/// read side (tungstenite, its waker proxy, poem's split halves, tokio's readiness)
+/// found nothing ~13 % of a fan-out pod's CPU (BENCHMARKS.md, profile). The gate
+/// hands the socket a waker of its own that marks the read side ready before it
+/// wakes the task; until then a poll costs one atomic swap.
+pub struct ReadGate {
+    signal: Arc<ReadSignal>,
+    /// The waker given to the socket: `signal`'s, made once.
+    waker: Waker,
+    /// The task waker last handed to `signal`: the same task polls every time, so
+    /// it is handed over again only if it changed.
+    task: Option<Waker>,
+}
+
+struct ReadSignal {
+    /// The socket may have something: poll it. Starts true, and stays true after a
+    /// message (more may be buffered).
+    ready: AtomicBool,
+    /// Kept, not taken, when woken (unlike an `AtomicWaker`): the gate does not
+    /// register it again on every poll.
+    task: Mutex<Option<Waker>>,
+}
+
+impl Wake for ReadSignal {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.ready.store(true, Ordering::Release);
+        if let Some(task) = &*self.task.lock().unwrap_or_else(|e| e.into_inner()) {
+            task.wake_by_ref();
+        }
+    }
+}
+
+impl Default for ReadGate {
+    fn default() -> Self {
+        let signal = Arc::new(ReadSignal {
+            ready: AtomicBool::new(true),
+            task: Mutex::new(None),
+        });
+        Self {
+            waker: Waker::from(signal.clone()),
+            signal,
+            task: None,
+        }
+    }
+}
+
+impl ReadGate {
+    /// The socket's next message, as `socket.next()`; cancel-safe like it.
+    pub async fn next(&mut self, socket: &mut Socket) -> Option<Result<Message, WsError>> {
+        std::future::poll_fn(|cx| self.poll_next(socket, cx)).await
+    }
+
+    fn poll_next(
+        &mut self,
+        socket: &mut Socket,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Message, WsError>>> {
+        if !self.task.as_ref().is_some_and(|t| t.will_wake(cx.waker())) {
+            let task = cx.waker().clone();
+            *self.signal.task.lock().unwrap_or_else(|e| e.into_inner()) = Some(task.clone());
+            self.task = Some(task);
+        }
+        // Registered first, so a signal that lands after this swap wakes the task.
+        if !self.signal.ready.swap(false, Ordering::AcqRel) {
+            return Poll::Pending;
+        }
+        let read = socket.poll_next_unpin(&mut Context::from_waker(&self.waker));
+        if read.is_ready() {
+            self.signal.ready.store(true, Ordering::Release);
+        }
+        read
+    }
 }
 
 /// What a dialect should do with a message from its client.
