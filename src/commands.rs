@@ -54,6 +54,7 @@ impl From<StoreError> for CommandError {
             StoreError::Migrate(inner) => {
                 CommandError::Invalid(format!("migration failed: {inner}"))
             }
+            StoreError::Shared(inner) => CommandError::Invalid(inner.to_string()),
             StoreError::Conflict(_) | StoreError::Corrupt(_) => CommandError::Store(e),
         }
     }

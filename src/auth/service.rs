@@ -2,6 +2,7 @@
 //! them (login, logout, issuing keys).
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use chrono::{Duration as ChronoDuration, Utc};
 
@@ -10,7 +11,8 @@ use super::password;
 use super::session_token::{SessionClaims, SessionSigner};
 use super::{Credential, Principal};
 use crate::domain::ids::{TenantId, UserId};
-use crate::store::api_keys::{ApiKeyRecord, NewApiKey};
+use crate::store::api_keys::{ActiveKey, ApiKeyRecord, NewApiKey};
+use crate::store::shared_reads::SharedReads;
 use crate::store::{Store, StoreError};
 
 /// Why a credential was refused. The messages are what the client is told.
@@ -45,7 +47,15 @@ pub struct AuthService {
     /// Keys whose use this pod is recording now, so that many requests with one key
     /// at once (clients reconnecting after a restart) write it once, not each.
     touching: Arc<KeySet>,
+    /// Lookups of a key by its digest: many requests with one key at once (clients
+    /// reconnecting after a restart) share one query instead of queueing for the
+    /// pool, each with its own.
+    lookups: Arc<SharedReads<[u8; 32], Option<ActiveKey>>>,
 }
+
+/// Key lookups that run at once: enough for many tenants' traffic, few enough that
+/// a storm of new keys leaves the pool to the rest of the API.
+const LOOKUPS_AT_ONCE: usize = 8;
 
 impl AuthService {
     pub fn new(store: Store, jwt_secret: &[u8], session_ttl: std::time::Duration) -> Self {
@@ -54,6 +64,7 @@ impl AuthService {
             signer: SessionSigner::new(jwt_secret),
             session_ttl,
             touching: Arc::default(),
+            lookups: Arc::new(SharedReads::new(LOOKUPS_AT_ONCE)),
         }
     }
 
@@ -139,10 +150,16 @@ impl AuthService {
 
     pub async fn authenticate_key(&self, raw: &str) -> Result<Principal, AuthError> {
         let key = PresentedKey::parse(raw.trim()).map_err(|_| AuthError::MalformedKey)?;
+        let digest = key.digest();
+        // A shared lookup began after this request arrived, so a key revoked before
+        // then is refused as it would be by a lookup of its own.
         let found = self
-            .store
-            .find_active_api_key(&key.digest())
-            .await?
+            .lookups
+            .get(digest, Instant::now(), || {
+                self.store.find_active_api_key(&digest)
+            })
+            .await
+            .map_err(StoreError::Shared)?
             .ok_or(AuthError::UnknownKey)?;
         let record = found.key;
         let stale = record

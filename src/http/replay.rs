@@ -11,12 +11,11 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use tokio::sync::OnceCell;
-
 use crate::bus::{Envelope, SharedEnvelope};
 use crate::domain::ids::{JobId, TenantId};
 use crate::publish::event_object;
 use crate::store::events::{EventQuery, StoredEvent};
+use crate::store::shared_reads::SharedReads;
 use crate::store::{Store, StoreError};
 
 /// Events read from the log per round trip while replaying.
@@ -27,16 +26,26 @@ const ENVELOPES_KEPT: usize = 8192;
 /// How long a kept envelope is reused: its rendered frames carry signed links,
 /// which should not reach a client close to their expiry.
 const ENVELOPE_REUSE: Duration = Duration::from_secs(60);
-/// Page reads older than this are forgotten (no stream can join them any more).
-const READ_KEPT: Duration = Duration::from_secs(5);
 
 pub type Page = Arc<[StoredEvent]>;
 
-#[derive(Default)]
 pub struct ReplayLog {
     pages: SharedReads<PageKey, Page>,
     newest: SharedReads<TenantId, i64>,
     envelopes: Mutex<Envelopes>,
+}
+
+/// Log reads of one kind that run at once; the pod's pool serves the rest of the API.
+const READS_AT_ONCE: usize = 4;
+
+impl Default for ReplayLog {
+    fn default() -> Self {
+        Self {
+            pages: SharedReads::new(READS_AT_ONCE),
+            newest: SharedReads::new(READS_AT_ONCE),
+            envelopes: Mutex::default(),
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -44,71 +53,6 @@ struct PageKey {
     tenant: TenantId,
     after: i64,
     job: Option<JobId>,
-}
-
-/// Reads of the store that concurrent streams share. A stream joins the read of its
-/// key that has not begun yet, or that began no earlier than its `not_before`;
-/// otherwise it starts one. Few reads run at once, so during a storm the rest wait
-/// as one pending read per key that every newcomer joins.
-struct SharedReads<K, V> {
-    reads: Mutex<HashMap<K, Arc<Read<V>>>>,
-    running: tokio::sync::Semaphore,
-}
-
-struct Read<V> {
-    created: Instant,
-    /// Set just before the query is sent: its snapshot is no older than this.
-    began: std::sync::OnceLock<Instant>,
-    value: OnceCell<Result<V, Arc<StoreError>>>,
-}
-
-/// Reads of one kind that run at once; the pod's pool serves the rest of the API.
-const READS_AT_ONCE: usize = 4;
-
-impl<K, V> Default for SharedReads<K, V> {
-    fn default() -> Self {
-        Self {
-            reads: Mutex::default(),
-            running: tokio::sync::Semaphore::new(READS_AT_ONCE),
-        }
-    }
-}
-
-impl<K: Copy + Eq + std::hash::Hash, V: Clone> SharedReads<K, V> {
-    async fn get<F, Fut>(&self, key: K, not_before: Instant, read: F) -> Result<V, Arc<StoreError>>
-    where
-        F: FnOnce() -> Fut,
-        Fut: std::future::Future<Output = Result<V, StoreError>>,
-    {
-        let shared = {
-            let mut reads = lock(&self.reads);
-            let joinable = |r: &Read<V>| r.began.get().is_none_or(|began| *began >= not_before);
-            match reads.get(&key) {
-                Some(r) if joinable(r) => r.clone(),
-                _ => {
-                    let now = Instant::now();
-                    reads.retain(|_, r| now.duration_since(r.created) < READ_KEPT);
-                    let r = Arc::new(Read {
-                        created: now,
-                        began: std::sync::OnceLock::new(),
-                        value: OnceCell::new(),
-                    });
-                    reads.insert(key, r.clone());
-                    r
-                }
-            }
-        };
-        shared
-            .value
-            .get_or_init(|| async {
-                // Closed never: the semaphore lives as long as `self`.
-                let _permit = self.running.acquire().await.ok();
-                let _ = shared.began.set(Instant::now());
-                read().await.map_err(Arc::new)
-            })
-            .await
-            .clone()
-    }
 }
 
 #[derive(Default)]
@@ -218,25 +162,6 @@ mod tests {
             created_at: chrono::Utc::now(),
             prev_id: None,
         }
-    }
-
-    #[tokio::test]
-    async fn streams_share_a_read_unless_it_began_before_their_feed() {
-        use std::sync::atomic::{AtomicUsize, Ordering};
-        let reads: SharedReads<u8, usize> = SharedReads::default();
-        let count = AtomicUsize::new(0);
-        let read = || async {
-            tokio::task::yield_now().await;
-            Ok(count.fetch_add(1, Ordering::SeqCst))
-        };
-        let early = Instant::now();
-        let (a, b) = tokio::join!(reads.get(1, early, read), reads.get(1, early, read));
-        assert_eq!((a.unwrap(), b.unwrap()), (0, 0), "one read for both");
-        // A stream whose feed started after that read began must not take its result.
-        let late = Instant::now();
-        assert_eq!(reads.get(1, late, read).await.unwrap(), 1);
-        assert_eq!(reads.get(2, early, read).await.unwrap(), 2, "another key");
-        assert_eq!(count.load(Ordering::SeqCst), 3);
     }
 
     #[test]

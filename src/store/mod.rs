@@ -14,6 +14,7 @@ mod intake;
 pub mod jobs;
 pub mod outputs;
 pub mod sessions;
+pub mod shared_reads;
 pub mod workers;
 
 use std::time::Duration;
@@ -45,6 +46,9 @@ pub enum StoreError {
     Corrupt(String),
     #[error("migration failed")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    /// The failure of a read this caller shared with others ([`shared_reads`]).
+    #[error(transparent)]
+    Shared(std::sync::Arc<StoreError>),
 }
 
 /// Why the database could not be reached at start; one line, password removed.
