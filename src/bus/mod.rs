@@ -55,6 +55,10 @@ pub enum ResyncCause {
     Reconnected,
     /// This subscriber fell this many envelopes behind the channel's ring.
     Lagged(u64),
+    /// An event's predecessor in the tenant's log may not have reached this pod's
+    /// feed before it (`hub::order`): it did not within the hold, or the feed has
+    /// nothing to compare with yet. It is in the log; replaying keeps streams gap-free.
+    PredecessorMissing,
 }
 
 /// A pub/sub channel, without the deployment prefix.

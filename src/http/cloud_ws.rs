@@ -366,16 +366,16 @@ impl Session {
                 .page(&self.state.store, self.tenant, cursor, None, live_since)
                 .await
                 .map_err(|e| replay_failed(&e, Some(cursor)))?;
-            for event in page.iter() {
-                if !self.patterns.matches(&event.kind) {
+            for replayed in page.iter() {
+                if !self.patterns.matches(&replayed.event.kind) {
                     continue;
                 }
-                if let Some(envelope) = self.state.replay.envelope(event) {
-                    self.feed_envelope(&envelope).await?;
+                if let Some(envelope) = &replayed.envelope {
+                    self.feed_envelope(envelope).await?;
                 }
             }
             self.socket.flush().await.map_err(|_| Stop::Gone)?;
-            cursor = page.last().map_or(cursor, |e| e.id);
+            cursor = page.last().map_or(cursor, |r| r.event.id);
             if page.len() < REPLAY_PAGE as usize {
                 break;
             }

@@ -27,7 +27,17 @@ const ENVELOPES_KEPT: usize = 8192;
 /// which should not reach a client close to their expiry.
 const ENVELOPE_REUSE: Duration = Duration::from_secs(60);
 
-pub type Page = Arc<[StoredEvent]>;
+/// A page of the log, shared by the streams that read it together.
+pub type Page = Arc<[Replayed]>;
+
+/// An event read for a replay, with its envelope: made when the page is read, not
+/// by each stream that replays it (a storm of resuming clients replays the same
+/// events thousands of times).
+pub struct Replayed {
+    pub event: StoredEvent,
+    /// `None` for an event that cannot be an envelope (an id or type out of range).
+    pub envelope: Option<SharedEnvelope>,
+}
 
 pub struct ReplayLog {
     pages: SharedReads<PageKey, Page>,
@@ -89,7 +99,14 @@ impl ReplayLog {
                     limit: REPLAY_PAGE,
                     ..EventQuery::default()
                 };
-                store.list_events(tenant, &query).await.map(Page::from)
+                let events = store.list_events(tenant, &query).await?;
+                Ok(events
+                    .into_iter()
+                    .map(|event| Replayed {
+                        envelope: self.envelope(&event),
+                        event,
+                    })
+                    .collect())
             })
             .await
     }
@@ -115,7 +132,7 @@ impl ReplayLog {
     }
 
     /// The event as an envelope shared by every stream of this pod that replays it.
-    pub fn envelope(&self, event: &StoredEvent) -> Option<SharedEnvelope> {
+    fn envelope(&self, event: &StoredEvent) -> Option<SharedEnvelope> {
         let now = Instant::now();
         let mut kept = lock(&self.envelopes);
         if let Some((made, envelope)) = kept.by_id.get(&event.id)

@@ -35,7 +35,6 @@ use std::sync::Arc;
 
 use futures_util::SinkExt;
 use poem::{Request, Response, handler};
-use tokio_tungstenite::tungstenite::Message;
 
 use super::AppState;
 use super::render;
@@ -290,10 +289,6 @@ impl Session {
             .map_err(|_| Stop::Gone)
     }
 
-    async fn send(&mut self, message: Message) -> Result<(), Stop> {
-        self.socket.send(message).await.map_err(|_| Stop::Gone)
-    }
-
     fn wants(&self, job: Option<JobId>) -> bool {
         self.jobs
             .as_ref()
@@ -319,12 +314,25 @@ impl Session {
                 .page(&self.state.store, self.tenant, cursor, single, live_since)
                 .await
                 .map_err(|e| replay_failed(&e, Some(cursor)))?;
-            for event in page.iter() {
-                if self.wants(event.job_id) {
-                    self.send(ws::text(event_object(event).to_string())).await?;
+            for replayed in page.iter() {
+                if !self.wants(replayed.event.job_id) {
+                    continue;
+                }
+                // Rendered as a live event is, once per pod.
+                let frame = replayed
+                    .envelope
+                    .as_ref()
+                    .and_then(|env| env.rendered(Dialect::SessionStream, render::session_frame));
+                match frame {
+                    Some(frame) => self.feed_frame(frame).await?,
+                    None => {
+                        let text = event_object(&replayed.event).to_string();
+                        self.feed_frame(crate::bus::Frame::text(text)).await?;
+                    }
                 }
             }
-            cursor = page.last().map_or(cursor, |e| e.id);
+            self.socket.flush().await.map_err(|_| Stop::Gone)?;
+            cursor = page.last().map_or(cursor, |r| r.event.id);
             if page.len() < REPLAY_PAGE as usize {
                 break;
             }

@@ -6,17 +6,20 @@
 //! dropped would resume after it (`since`) and never get the earlier one. Each event
 //! names its tenant's previous event (`prev`), so a pump sees the gap: an event whose
 //! predecessor it has not passed on yet waits for it — normally a millisecond or two,
-//! at most [`HOLD`], after which the held events go on anyway (a publisher that died
-//! between its commit and its publish never sends the missing one; clients that
-//! resume get it from the log). Until a pump has passed on its first event it has
-//! nothing to compare with, so that first one goes as it comes.
+//! at most [`HOLD`]. Then the pump gives up waiting (a publisher may have died
+//! between its commit and its publish, or be stalled): a resync goes first, so every
+//! stream replays what it lacks from the log — the predecessor committed before its
+//! successor took the tenant's lock, so the log has it — and the held events follow,
+//! as duplicates the streams drop. A pump's first event has nothing to compare with
+//! (its predecessor may be on the way, or long gone): it goes at once, after a
+//! resync for the same reason.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::bus::{BusItem, EnvelopeKind};
+use crate::bus::{BusItem, EnvelopeKind, ResyncCause};
 
 /// Longest an event waits for its predecessor.
 pub const HOLD: Duration = Duration::from_millis(500);
@@ -43,7 +46,7 @@ impl EventOrder {
             BusItem::Envelope(_) => return out.push(item),
             // A gap in the bus itself: streams re-read the log; start afresh.
             BusItem::Resync(_) => {
-                self.release(out);
+                self.pass_held(out);
                 self.last = None;
                 return out.push(item);
             }
@@ -55,6 +58,12 @@ impl EventOrder {
             }
             // Older than what already went (it waited out its hold): late, but sent.
             (Some(last), _) if id <= last => out.push(item),
+            (None, Some(_)) => {
+                out.push(BusItem::Resync(ResyncCause::PredecessorMissing));
+                out.push(item);
+                self.last = Some(id);
+                self.pass_successors(out);
+            }
             _ => {
                 out.push(item);
                 self.last = Some(id);
@@ -68,8 +77,16 @@ impl EventOrder {
         self.deadline
     }
 
-    /// Passes on everything held, in id order (the hold ran out).
+    /// The hold ran out: a resync (the missing predecessors are read from the log),
+    /// then everything held, in id order.
     pub fn release(&mut self, out: &mut Vec<BusItem>) {
+        if !self.held.is_empty() {
+            out.push(BusItem::Resync(ResyncCause::PredecessorMissing));
+        }
+        self.pass_held(out);
+    }
+
+    fn pass_held(&mut self, out: &mut Vec<BusItem>) {
         for (_, item) in std::mem::take(&mut self.held) {
             if let BusItem::Envelope(env) = &item {
                 let id = env.envelope().id;
@@ -124,13 +141,17 @@ mod tests {
     fn an_event_that_overtook_its_predecessor_waits_for_it() {
         let mut order = EventOrder::default();
         let mut out = Vec::new();
-        order.admit(event(10, Some(4)), &mut out);
+        order.admit(event(10, None), &mut out);
         order.admit(event(12, Some(11)), &mut out);
         order.admit(event(13, Some(12)), &mut out);
         assert_eq!(ids(&out), [10]);
         assert!(order.deadline().is_some());
         order.admit(event(11, Some(10)), &mut out);
         assert_eq!(ids(&out), [10, 11, 12, 13]);
+        assert!(
+            out.iter().all(|i| matches!(i, BusItem::Envelope(_))),
+            "no resync"
+        );
         assert!(order.deadline().is_none());
     }
 
@@ -143,25 +164,49 @@ mod tests {
         order.admit(event(12, Some(11)), &mut out);
         assert_eq!(ids(&out), [10]);
         order.release(&mut out);
-        assert_eq!(ids(&out), [10, 12, 14]);
+        // 0: the resync that has streams read 11 and 13 from the log first.
+        assert_eq!(ids(&out), [10, 0, 12, 14]);
+        assert!(matches!(
+            out[1],
+            BusItem::Resync(ResyncCause::PredecessorMissing)
+        ));
         // The one that never came arrives after all: late, but not dropped.
         order.admit(event(11, Some(10)), &mut out);
-        assert_eq!(ids(&out), [10, 12, 14, 11]);
+        assert_eq!(ids(&out), [10, 0, 12, 14, 11]);
         order.admit(event(15, Some(14)), &mut out);
-        assert_eq!(ids(&out), [10, 12, 14, 11, 15]);
+        assert_eq!(ids(&out), [10, 0, 12, 14, 11, 15]);
     }
 
     #[test]
     fn other_envelopes_and_events_without_a_predecessor_pass_at_once() {
         let mut order = EventOrder::default();
         let mut out = Vec::new();
-        order.admit(event(10, Some(9)), &mut out);
+        order.admit(event(10, None), &mut out);
         order.admit(event(20, Some(19)), &mut out);
         let progress = Envelope::new(TenantId::default(), EnvelopeKind::Progress, "{}".into());
         order.admit(BusItem::Envelope(SharedEnvelope::new(progress)), &mut out);
         order.admit(event(30, None), &mut out);
+        // 0 after 10: the progress envelope, which is not an event.
         assert_eq!(ids(&out), [10, 0, 30]);
         order.release(&mut out);
-        assert_eq!(ids(&out), [10, 0, 30, 20]);
+        assert_eq!(ids(&out), [10, 0, 30, 0, 20]);
+        // Nothing held: nothing to resync.
+        order.release(&mut out);
+        assert_eq!(out.len(), 5);
+    }
+
+    #[test]
+    fn a_first_event_goes_at_once_after_a_resync_for_its_unseen_predecessor() {
+        let mut order = EventOrder::default();
+        let mut out = Vec::new();
+        order.admit(event(10, Some(9)), &mut out);
+        assert_eq!(ids(&out), [0, 10]);
+        assert!(matches!(
+            out[0],
+            BusItem::Resync(ResyncCause::PredecessorMissing)
+        ));
+        // From then on the feed has its baseline.
+        order.admit(event(11, Some(10)), &mut out);
+        assert_eq!(ids(&out), [0, 10, 11]);
     }
 }
