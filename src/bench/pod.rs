@@ -87,7 +87,19 @@ impl Pod {
 
     async fn spawn(&mut self) -> Result<(), CommandError> {
         let exe = std::env::current_exe()?;
-        let child = Command::new(exe)
+        // BENCH_POD_WRAPPER runs the pod under another program, e.g. valgrind's DHAT
+        // for the previews scenario's allocation count (BENCHMARKS.md).
+        let wrapper = std::env::var("BENCH_POD_WRAPPER").unwrap_or_default();
+        let mut wrapper = wrapper.split_whitespace();
+        let mut command = match wrapper.next() {
+            Some(program) => {
+                let mut command = Command::new(program);
+                command.args(wrapper).arg(exe);
+                command
+            }
+            None => Command::new(exe),
+        };
+        let child = command
             .arg("api")
             .env("DATABASE_URL", &self.database_url)
             .env("REDIS_URL", &self.settings.redis_url)
