@@ -26,7 +26,7 @@ use super::system::{ServerProcs, cpu_percent};
 use super::target::{ClientSocket, client_config};
 use crate::commands::CommandError;
 use crate::config::DatabaseArgs;
-use crate::domain::ids::{JobId, TenantId, WorkerId};
+use crate::domain::ids::{TenantId, WorkerId};
 use crate::files::storage::{Files, FilesLocation};
 use crate::publish::Publisher;
 use crate::sim::{SimConfig, SimHandle};
@@ -613,23 +613,7 @@ async fn produce(
             _ = stop.cancelled() => break,
             _ = tokio::time::sleep_until(due.into()) => {}
         }
-        let new = NewJob {
-            id: JobId::new(),
-            workflow_id: None,
-            graph: graph.clone(),
-            params: json!({}),
-            seeds: json!({}),
-            client_id: None,
-            extra_data: json!({}),
-            priority: 0,
-            required_nodes: vec!["EmptyImage".into(), "SaveImage".into()],
-            required_models: Vec::new(),
-            input_files: Vec::new(),
-            time_limit_secs: None,
-            comfy_number: None,
-            idempotency_key: None,
-            request_digest: None,
-        };
+        let new = NewJob::raw(graph.clone(), vec!["EmptyImage".into(), "SaveImage".into()]);
         match store.submit_job(tenant, new).await {
             Ok(Submitted::Created(_, events)) => {
                 publisher.events(&events).await;

@@ -66,6 +66,30 @@ pub struct NewJob {
     pub request_digest: Option<[u8; 32]>,
 }
 
+impl NewJob {
+    /// A raw graph at the default priority: no workflow, inputs, limits or
+    /// idempotency key (what the bench's producer and store tests submit).
+    pub fn raw(graph: Value, required_nodes: Vec<String>) -> Self {
+        Self {
+            id: JobId::new(),
+            workflow_id: None,
+            graph,
+            params: Value::Object(Default::default()),
+            seeds: Value::Object(Default::default()),
+            client_id: None,
+            extra_data: Value::Object(Default::default()),
+            priority: 0,
+            required_nodes,
+            required_models: Vec::new(),
+            input_files: Vec::new(),
+            time_limit_secs: None,
+            comfy_number: None,
+            idempotency_key: None,
+            request_digest: None,
+        }
+    }
+}
+
 /// The result of a submit.
 #[derive(Debug)]
 pub enum Submitted {

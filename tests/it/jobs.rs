@@ -424,21 +424,12 @@ async fn the_queue_view_lists_waiting_and_finished_jobs() {
 /// A job for the store's submit, with an idempotency key when given.
 pub(crate) fn new_job(key: Option<(&str, u8)>) -> comfyfleet::store::jobs::NewJob {
     comfyfleet::store::jobs::NewJob {
-        id: Default::default(),
-        workflow_id: None,
-        graph: raw_graph(),
-        params: json!({}),
-        seeds: json!({}),
-        client_id: None,
-        extra_data: json!({}),
-        priority: 0,
-        required_nodes: vec!["EmptyImage".into(), "SaveImage".into()],
-        required_models: Vec::new(),
-        input_files: Vec::new(),
-        time_limit_secs: None,
-        comfy_number: None,
         idempotency_key: key.map(|(k, _)| k.to_string()),
         request_digest: key.map(|(_, d)| [d; 32]),
+        ..comfyfleet::store::jobs::NewJob::raw(
+            raw_graph(),
+            vec!["EmptyImage".into(), "SaveImage".into()],
+        )
     }
 }
 
