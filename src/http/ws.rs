@@ -216,7 +216,7 @@ pub async fn close(socket: &mut Socket, code: u16, reason: &str) {
 /// and a plain `select!` polls both whenever either wakes it. Stream clients send
 /// next to nothing while the outbox wakes the task for every burst, and polling the
 /// read side (tungstenite, its waker proxy, poem's split halves, tokio's readiness)
-/// found nothing ~13 % of a fan-out pod's CPU (BENCHMARKS.md, profile). The gate
+/// found nothing ~10 % of a fan-out pod's CPU (BENCHMARKS.md, profile). The gate
 /// hands the socket a waker of its own that marks the read side ready before it
 /// wakes the task; until then a poll costs one atomic swap.
 pub struct ReadGate {
