@@ -511,6 +511,15 @@ impl Run {
         }) {
             self.drop_client_socket();
         }
+        if self
+            .knobs
+            .fault(id, class, |k| matches!(k, FaultKind::ForgetClient))
+            .is_some()
+            && let Some(c) = &self.client
+        {
+            // Unregistered, not killed: the socket stays open and silent.
+            self.shared.lock().sockets.remove(c);
+        }
         let entry = nodes::run(self, id, class, &inputs, linked).await?;
         if let Some(ui) = &entry.ui {
             self.send_client(

@@ -39,6 +39,10 @@ pub enum FaultKind {
     /// The prompt's client socket is dropped (no close frame) when the node
     /// reaches this sampler step (0 = when the node starts). Execution goes on.
     DropWebSocket { at_step: u64 },
+    /// When the node starts, the prompt's client id is forgotten, as ComfyUI does
+    /// when another socket with that id closes: the socket stays open but gets
+    /// nothing more. Execution goes on and the history records the outcome.
+    ForgetClient,
 }
 
 /// A fault bound to a node id or a node class.
@@ -80,6 +84,8 @@ impl NodeFault {
             FaultKind::Hang
         } else if let Some(step) = v.get("drop_ws_at_step").and_then(Value::as_u64) {
             FaultKind::DropWebSocket { at_step: step }
+        } else if v.get("forget_client").and_then(Value::as_bool) == Some(true) {
+            FaultKind::ForgetClient
         } else {
             return None;
         };

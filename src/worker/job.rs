@@ -217,6 +217,8 @@ async fn execute(
     let mut cancelling = false;
     let mut succeeded = false;
     let mut relayed: u64 = 0;
+    // When ComfyUI last said anything on the socket (see the lease tick).
+    let mut heard = Instant::now();
 
     loop {
         let flush_at = match (dirty, last_published) {
@@ -251,6 +253,20 @@ async fn execute(
                     }
                     Err(e) => tracing::warn!(error = %e, "lease renewal failed"),
                 }
+                // A socket that went quiet may have stopped carrying this prompt's
+                // messages (half-open, or ComfyUI no longer has this client id):
+                // ask ComfyUI itself rather than wait out the job's time limit.
+                if heard.elapsed() >= settings.lease / 3 {
+                    heard = Instant::now();
+                    match whereabouts(worker, &prompt_id).await {
+                        Whereabouts::Finished(ok) => {
+                            tracing::warn!(job = %job.id, "ComfyUI finished the prompt, but its messages did not reach this worker");
+                            return finished(ok, cancelling);
+                        }
+                        Whereabouts::Gone => return Outcome::Release("its ComfyUI lost the prompt".into()),
+                        Whereabouts::Pending | Whereabouts::Unreachable(_) => {}
+                    }
+                }
             }
             Some(cancelled) = cancels.recv() => {
                 if cancelled == job.id && !cancelling {
@@ -264,6 +280,7 @@ async fn execute(
                 dirty = false;
             }
             frame = socket.next_received() => {
+                heard = Instant::now();
                 let msg = match frame {
                     Some(Ok(Received { message, relay })) => {
                         if let Some(relay) = relay
@@ -280,11 +297,7 @@ async fn execute(
                         // find out whether ComfyUI still has the prompt.
                         match reconnect(worker, &client_id, &prompt_id, shutdown).await {
                             Reconnected::Socket(s) => { *socket = *s; continue; }
-                            Reconnected::Finished(ok) => {
-                                return if ok { Outcome::Succeeded } else if cancelling { Outcome::Cancelled } else {
-                                    Outcome::Failed(cause("ExecutionError", "ComfyUI reported the prompt as failed", None))
-                                };
-                            }
+                            Reconnected::Finished(ok) => return finished(ok, cancelling),
                             Reconnected::Lost(reason) => return Outcome::Release(reason),
                         }
                     }
@@ -382,6 +395,47 @@ enum Reconnected {
     Lost(String),
 }
 
+/// The outcome of a prompt found in ComfyUI's history rather than on the socket.
+fn finished(succeeded: bool, cancelling: bool) -> Outcome {
+    if succeeded {
+        Outcome::Succeeded
+    } else if cancelling {
+        Outcome::Cancelled
+    } else {
+        Outcome::Failed(cause(
+            "ExecutionError",
+            "ComfyUI reported the prompt as failed",
+            None,
+        ))
+    }
+}
+
+/// Where ComfyUI has a prompt, asked over HTTP.
+enum Whereabouts {
+    /// In the history: `true` if it succeeded.
+    Finished(bool),
+    /// Queued or running.
+    Pending,
+    /// Neither: ComfyUI lost it (restarted, or the queue was cleared).
+    Gone,
+    Unreachable(String),
+}
+
+async fn whereabouts(worker: &Worker, prompt_id: &str) -> Whereabouts {
+    match worker.comfy.history(prompt_id).await {
+        Ok(Some(entry)) => {
+            return Whereabouts::Finished(entry["status"]["status_str"] == "success");
+        }
+        Ok(None) => {}
+        Err(e) => return Whereabouts::Unreachable(e.to_string()),
+    }
+    match worker.comfy.has_prompt(prompt_id).await {
+        Ok(true) => Whereabouts::Pending,
+        Ok(false) => Whereabouts::Gone,
+        Err(e) => Whereabouts::Unreachable(e.to_string()),
+    }
+}
+
 async fn reconnect(
     worker: &Worker,
     client_id: &str,
@@ -392,13 +446,13 @@ async fn reconnect(
     for _ in 0..8 {
         if let Ok(socket) = worker.comfy.connect(client_id).await {
             // Anything that happened while we were away is in the history or queue.
-            if let Ok(Some(entry)) = worker.comfy.history(prompt_id).await {
-                return Reconnected::Finished(entry["status"]["status_str"] == "success");
-            }
-            return match worker.comfy.has_prompt(prompt_id).await {
-                Ok(true) => Reconnected::Socket(Box::new(socket)),
-                Ok(false) => Reconnected::Lost("its ComfyUI lost the prompt".into()),
-                Err(e) => Reconnected::Lost(format!("its ComfyUI became unreachable: {e}")),
+            return match whereabouts(worker, prompt_id).await {
+                Whereabouts::Finished(ok) => Reconnected::Finished(ok),
+                Whereabouts::Pending => Reconnected::Socket(Box::new(socket)),
+                Whereabouts::Gone => Reconnected::Lost("its ComfyUI lost the prompt".into()),
+                Whereabouts::Unreachable(e) => {
+                    Reconnected::Lost(format!("its ComfyUI became unreachable: {e}"))
+                }
             };
         }
         tokio::select! {

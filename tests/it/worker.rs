@@ -323,6 +323,30 @@ async fn a_dropped_comfyui_socket_is_survived() {
 }
 
 #[tokio::test]
+async fn a_prompt_whose_messages_stop_coming_is_finished_from_comfyuis_history() {
+    let app = spawn_app().await;
+    let t = app.tenant("acme").await;
+    let _w = app
+        .start_worker(SimConfig {
+            faults: vec![NodeFault {
+                node: None,
+                class: Some("KSampler".into()),
+                kind: FaultKind::ForgetClient,
+            }],
+            ..SimConfig::default()
+        })
+        .await;
+    let job = app.create_job(&t.admin_key, slow_sampler(4)).await;
+    // Nothing about the prompt reaches the worker's socket after the sampler
+    // starts; without asking ComfyUI it would wait out the job's time limit.
+    let done = app
+        .wait_job(&t.admin_key, job["id"].as_str().unwrap(), 30)
+        .await;
+    assert_eq!(done["status"], "completed", "{done}");
+    assert_eq!(done["outputs"].as_array().unwrap().len(), 1);
+}
+
+#[tokio::test]
 async fn progress_counts_cached_nodes_and_previews_travel_raw() {
     let app = spawn_app().await;
     let t = app.tenant("acme").await;
