@@ -7,7 +7,8 @@
 //!   "faults": [
 //!     {"node": "3", "fail": {"exception_type": "RuntimeError", "exception_message": "boom"}},
 //!     {"node": "8", "hang": true},
-//!     {"node": "3", "drop_ws_at_step": 2}
+//!     {"node": "3", "drop_ws_at_step": 2},
+//!     {"class": "KSampler", "forget_client": true}
 //!   ]
 //! }}
 //! ```
