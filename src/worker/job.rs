@@ -430,8 +430,14 @@ async fn whereabouts(worker: &Worker, prompt_id: &str) -> Whereabouts {
         Err(e) => return Whereabouts::Unreachable(e.to_string()),
     }
     match worker.comfy.has_prompt(prompt_id).await {
-        Ok(true) => Whereabouts::Pending,
-        Ok(false) => Whereabouts::Gone,
+        Ok(true) => return Whereabouts::Pending,
+        Ok(false) => {}
+        Err(e) => return Whereabouts::Unreachable(e.to_string()),
+    }
+    // It may have left the queue for the history between the two questions.
+    match worker.comfy.history(prompt_id).await {
+        Ok(Some(entry)) => Whereabouts::Finished(entry["status"]["status_str"] == "success"),
+        Ok(None) => Whereabouts::Gone,
         Err(e) => Whereabouts::Unreachable(e.to_string()),
     }
 }
