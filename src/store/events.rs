@@ -3,7 +3,9 @@
 //! Ids come from one identity sequence, but resuming clients read per tenant with
 //! `id > since`; a transaction that took a lower id and committed later would be
 //! skipped by such a reader. Appends therefore take a per-tenant advisory lock held
-//! to commit, so within a tenant ids become visible in increasing order.
+//! to commit, so within a tenant ids become visible in increasing order. The lock is
+//! taken by the statement that appends, and appends are the last statement of their
+//! transactions: it is held for that statement and the commit only.
 
 use chrono::{DateTime, Utc};
 use serde_json::Value;
@@ -90,27 +92,16 @@ pub(super) async fn append(
     if events.is_empty() {
         return Ok(Vec::new());
     }
-    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1::text, 7))")
-        .bind(tenant.as_uuid())
-        .execute(&mut **tx)
-        .await?;
     let kinds: Vec<&str> = events.iter().map(|e| e.kind).collect();
     let severities: Vec<&str> = events.iter().map(|e| e.severity.as_str()).collect();
     let messages: Vec<&str> = events.iter().map(|e| e.message.as_str()).collect();
     let data: Vec<&Value> = events.iter().map(|e| &e.data).collect();
     let jobs: Vec<Option<Uuid>> = events.iter().map(|e| e.job.map(|j| j.as_uuid())).collect();
-    // Rows are produced in `n` order, so the identity hands out ids in that order.
-    // Under the lock, the tenant's newest event so far is the first one's predecessor.
+    // The tenant's lock, the newest id under it and the insert are one round trip
+    // (`append_events`, in the migrations): the lock is held to commit, and a round
+    // trip made while holding it is time every other writer of the tenant waits.
     let rows: Vec<EventRow> = sqlx::query_as(&format!(
-        "WITH newest AS (SELECT coalesce(max(id), 0) AS id FROM events WHERE tenant_id = $1), \
-         appended AS ( \
-            INSERT INTO events (tenant_id, type, severity, message, data, job_id) \
-            SELECT $1, e.type, e.severity, e.message, e.data, e.job_id \
-            FROM unnest($2::text[], $3::text[], $4::text[], $5::jsonb[], $6::uuid[]) \
-                 WITH ORDINALITY AS e(type, severity, message, data, job_id, n) \
-            ORDER BY e.n \
-            RETURNING {EVENT_COLUMNS}) \
-         SELECT appended.*, (SELECT id FROM newest) AS prev_id FROM appended"
+        "SELECT {EVENT_COLUMNS}, prev_id FROM append_events($1, $2, $3, $4, $5, $6)"
     ))
     .bind(tenant.as_uuid())
     .bind(&kinds)

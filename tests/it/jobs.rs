@@ -495,3 +495,62 @@ async fn concurrent_submits_share_a_transaction_and_each_gets_its_own_answer() {
     let log = get_json(&app, &t.admin_key, "/api/admin/events?type=job.*&limit=500").await;
     assert_eq!(log.as_array().unwrap().len(), 64);
 }
+
+#[tokio::test]
+async fn racing_appends_each_name_the_event_just_before_them_in_the_log() {
+    use comfyfleet::store::Store;
+    use comfyfleet::store::events::EventQuery;
+    use comfyfleet::store::jobs::Submitted;
+    use std::collections::HashMap;
+
+    let app = spawn_app().await;
+    let t = app.tenant("acme").await;
+    // Separate stores have separate intakes: their transactions race for the
+    // tenant's log lock instead of sharing one.
+    let mut stores = Vec::new();
+    for _ in 0..4 {
+        let config = app.db.args().resolve().unwrap();
+        stores.push(Store::connect(&config).await.unwrap());
+    }
+    let submits = stores
+        .iter()
+        .flat_map(|s| (0..12).map(|_| s.submit_job(t.id, new_job(None))));
+    let mut prev_of = HashMap::new();
+    for result in futures_util::future::join_all(submits).await {
+        let Ok(Submitted::Created(_, events)) = result else {
+            panic!("expected a new job, got {result:?}");
+        };
+        for e in events {
+            prev_of.insert(
+                e.id,
+                e.prev_id.expect("an appended event knows its predecessor"),
+            );
+        }
+    }
+    assert_eq!(prev_of.len(), 96);
+
+    let log = app
+        .store
+        .list_events(
+            t.id,
+            &EventQuery {
+                since: Some(0),
+                limit: 1000,
+                ..EventQuery::default()
+            },
+        )
+        .await
+        .unwrap();
+    // What a pod's feed relies on to hold an event until its predecessor arrives.
+    let mut before = 0;
+    for e in &log {
+        if let Some(prev) = prev_of.get(&e.id) {
+            assert_eq!(
+                *prev, before,
+                "event {} names {prev}, the log has {before} before it",
+                e.id
+            );
+        }
+        before = e.id;
+    }
+}
