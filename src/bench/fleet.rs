@@ -20,13 +20,14 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::pod::Pod;
-use super::report::{JobFigures, Report, ServerFigures, StormFigures};
+use super::report::{BackSteps, JobFigures, Report, ServerFigures, StormFigures};
 use super::stats::{Backoff, Delivery, Latencies, event_frame};
 use super::system::{ServerProcs, cpu_percent};
 use super::target::{ClientSocket, client_config};
 use crate::commands::CommandError;
 use crate::config::DatabaseArgs;
 use crate::domain::ids::{TenantId, WorkerId};
+use crate::domain::job::JobStatus;
 use crate::files::storage::{Files, FilesLocation};
 use crate::publish::Publisher;
 use crate::sim::{SimConfig, SimHandle};
@@ -39,8 +40,15 @@ use crate::worker::{Worker, WorkerSettings};
 /// How long the bench waits for submitted jobs to finish (and clients to catch up)
 /// before it counts what is missing.
 const DRAIN: Duration = Duration::from_secs(30);
+/// After the jobs are done, storm clients are waited for while deliveries keep
+/// arriving, until none has arrived for this long...
+const CATCH_UP_STALL: Duration = Duration::from_secs(5);
+/// ...or this long has passed.
+const CATCH_UP_LIMIT: Duration = Duration::from_secs(180);
 /// How long every client has to come back after a restart.
 const RESUME_DEADLINE: Duration = Duration::from_secs(120);
+/// Warm-up submits in flight at once.
+const WARM_UP_CONCURRENCY: usize = 16;
 /// Clients connecting at the same time at the start.
 const CONNECT_CONCURRENCY: usize = 128;
 
@@ -115,7 +123,27 @@ pub struct PodAccess {
     pub tenant: TenantId,
 }
 
+/// How long each step of opening an events socket took, from the call.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct OpenPhases {
+    /// TCP connect and the WebSocket upgrade (the API key checked) done.
+    pub upgraded: Duration,
+    /// The pod's `connected` greeting read.
+    pub greeted: Duration,
+    /// The `subscribed` reply read.
+    pub subscribed: Duration,
+}
+
 async fn open_events_socket(pod: &PodAccess, since: Option<i64>) -> Result<ClientSocket, String> {
+    open_events_socket_timed(pod, since).await.map(|(s, _)| s)
+}
+
+async fn open_events_socket_timed(
+    pod: &PodAccess,
+    since: Option<i64>,
+) -> Result<(ClientSocket, OpenPhases), String> {
+    let start = Instant::now();
+    let mut phases = OpenPhases::default();
     let url = format!(
         "{}/developer/api/v1/ws?api_key={}",
         pod.ws_base, pod.api_key
@@ -124,7 +152,9 @@ async fn open_events_socket(pod: &PodAccess, since: Option<i64>) -> Result<Clien
         tokio_tungstenite::connect_async_with_config(url, Some(client_config()), true)
             .await
             .map_err(|e| format!("connect: {e}"))?;
+    phases.upgraded = start.elapsed();
     wait_text(&mut socket, "\"connected\"").await?;
+    phases.greeted = start.elapsed();
     let mut data = json!({"events": ["job.*"]});
     if let Some(since) = since {
         data["since"] = json!(format!("evt_{since}"));
@@ -136,7 +166,8 @@ async fn open_events_socket(pod: &PodAccess, since: Option<i64>) -> Result<Clien
         .await
         .map_err(|e| format!("subscribe: {e}"))?;
     wait_text(&mut socket, "\"subscribed\"").await?;
-    Ok(socket)
+    phases.subscribed = start.elapsed();
+    Ok((socket, phases))
 }
 
 async fn wait_text(socket: &mut ClientSocket, marker: &str) -> Result<(), String> {
@@ -191,17 +222,7 @@ pub async fn jobs(
         finished_count.clone(),
         stop.clone(),
     ));
-    let mut headers = reqwest::header::HeaderMap::new();
-    headers.insert(
-        "x-api-key",
-        reqwest::header::HeaderValue::from_str(&pod.api_key)
-            .map_err(|e| invalid(format!("the API key: {e}")))?,
-    );
-    let http = reqwest::Client::builder()
-        .default_headers(headers)
-        .pool_max_idle_per_host(params.concurrency)
-        .build()
-        .map_err(|e| invalid(format!("HTTP client: {e}")))?;
+    let http = submit_client(pod, params.concurrency)?;
     let url = format!("{}/developer/api/v1/jobs", pod.http_base);
     let body = json!({ "workflow": tiny_graph() }).to_string();
     let before = procs.map(ServerProcs::sample).unwrap_or_default();
@@ -313,6 +334,63 @@ pub async fn jobs(
     Ok(())
 }
 
+/// An HTTP client that presents the bench's API key.
+fn submit_client(pod: &PodAccess, connections: usize) -> Result<reqwest::Client, CommandError> {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        "x-api-key",
+        reqwest::header::HeaderValue::from_str(&pod.api_key)
+            .map_err(|e| invalid(format!("the API key: {e}")))?,
+    );
+    reqwest::Client::builder()
+        .default_headers(headers)
+        .pool_max_idle_per_host(connections)
+        .build()
+        .map_err(|e| invalid(format!("HTTP client: {e}")))
+}
+
+/// Runs `jobs` jobs through the fleet before anything is measured, waits for them to
+/// finish, then has Postgres refresh its statistics, as `pgbench` vacuums before it
+/// measures. Without it every figure is of a database younger than autovacuum's
+/// first visit: the plans a connection keeps for its prepared statements are then
+/// made for empty tables, and a job looked up by id walked the tenant's whole index
+/// range (1,400 buffers per lookup, the top of Postgres's profile).
+pub async fn warm_up(pod: &PodAccess, store: &Store, jobs: usize) -> Result<(), CommandError> {
+    if jobs == 0 {
+        return Ok(());
+    }
+    let http = submit_client(pod, WARM_UP_CONCURRENCY)?;
+    let url = format!("{}/developer/api/v1/jobs", pod.http_base);
+    let body = json!({ "workflow": tiny_graph() }).to_string();
+    let submitted: Vec<_> = futures_util::stream::iter(0..jobs)
+        .map(|_| submit(&http, &url, body.clone()))
+        .buffer_unordered(WARM_UP_CONCURRENCY)
+        .collect()
+        .await;
+    if let Some(Err(e)) = submitted.into_iter().find(Result::is_err) {
+        return Err(invalid(format!("a warm-up job was refused: {e}")));
+    }
+    let unfinished = [
+        JobStatus::Accepted,
+        JobStatus::Uploaded,
+        JobStatus::Queued,
+        JobStatus::Running,
+    ];
+    let deadline = Instant::now() + DRAIN;
+    while !store
+        .list_jobs(pod.tenant, &unfinished, None, 1)
+        .await?
+        .is_empty()
+    {
+        if Instant::now() >= deadline {
+            return Err(invalid("the warm-up jobs did not finish within 30 s"));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    store.analyze().await?;
+    Ok(())
+}
+
 async fn submit(http: &reqwest::Client, url: &str, body: String) -> Result<String, String> {
     let resp = http
         .post(url)
@@ -405,6 +483,8 @@ struct ClientRun {
     came_back: Option<Instant>,
     /// The highest `since` the client resubscribed with.
     resumed_from: Option<i64>,
+    /// The attempt that brought it back: when it began, and its steps.
+    return_attempt: Option<(Instant, OpenPhases)>,
 }
 
 /// `storm`: N clients subscribed to `job.*` while jobs run; the pod is killed
@@ -504,8 +584,16 @@ pub async fn storm(
         log = durable_log(store, access.tenant).await?;
     }
     let expected = log.len() as u64 * connected;
-    while shared.received.load(Ordering::Relaxed) < expected && Instant::now() < deadline {
+    // Clients may still be catching up (a storm can leave millions of deliveries
+    // queued): wait while they make progress, so what is counted missing is missing.
+    let mut last = (shared.received.load(Ordering::Relaxed), Instant::now());
+    let give_up = Instant::now() + CATCH_UP_LIMIT;
+    while last.0 < expected && last.1.elapsed() < CATCH_UP_STALL && Instant::now() < give_up {
         tokio::time::sleep(Duration::from_millis(20)).await;
+        let received = shared.received.load(Ordering::Relaxed);
+        if received > last.0 {
+            last = (received, Instant::now());
+        }
     }
     stop.cancel();
 
@@ -514,6 +602,7 @@ pub async fn storm(
     let mut missed_behind_resume = 0u64;
     let mut last_back = None;
     let mut back_after_kill = Latencies::new();
+    let mut phases = PhaseLatencies::default();
     for c in clients {
         let Ok(run) = c.await else { continue };
         for (id, _) in log.iter().filter(|(id, _)| !run.delivery.has(*id as u64)) {
@@ -526,6 +615,9 @@ pub async fn storm(
         if let Some(t) = run.came_back {
             last_back = last_back.max(Some(t));
             back_after_kill.record(t.duration_since(kill).as_micros() as u64);
+        }
+        if let Some((began, steps)) = run.return_attempt {
+            phases.record(began.saturating_duration_since(kill), steps);
         }
     }
     report.published = submitted;
@@ -552,6 +644,7 @@ pub async fn storm(
             .then(|| last_back.map(|t| t.duration_since(kill).as_secs_f64() * 1000.0))
             .flatten(),
         back_after_kill: back_after_kill.summary(),
+        back_by_step: phases.summary(),
         failed_reconnect_attempts: shared.failed_attempts.load(Ordering::Relaxed),
         jobs_submitted: submitted,
         durable_events: log.len() as u64,
@@ -560,6 +653,37 @@ pub async fn storm(
         duplicates: delivery.duplicates,
     });
     Ok(())
+}
+
+/// Where each client's way back went: the wait before its successful attempt,
+/// then that attempt's steps.
+#[derive(Default)]
+struct PhaseLatencies {
+    waiting: Latencies,
+    upgrade: Latencies,
+    greeting: Latencies,
+    subscribe: Latencies,
+}
+
+impl PhaseLatencies {
+    fn record(&mut self, waited: Duration, steps: OpenPhases) {
+        let us = |d: Duration| d.as_micros() as u64;
+        self.waiting.record(us(waited));
+        self.upgrade.record(us(steps.upgraded));
+        self.greeting
+            .record(us(steps.greeted.saturating_sub(steps.upgraded)));
+        self.subscribe
+            .record(us(steps.subscribed.saturating_sub(steps.greeted)));
+    }
+
+    fn summary(&self) -> BackSteps {
+        BackSteps {
+            waiting: self.waiting.summary(),
+            upgrade: self.upgrade.summary(),
+            greeting: self.greeting.summary(),
+            subscribe: self.subscribe.summary(),
+        }
+    }
 }
 
 /// The tenant's durable `job.*` events, id and type, oldest first.
@@ -674,8 +798,9 @@ async fn storm_client(
                 _ = tokio::time::sleep(delay) => {}
             }
             let since = last_id.unwrap_or(0);
-            match open_events_socket(&access, Some(since)).await {
-                Ok(s) => {
+            let began = Instant::now();
+            match open_events_socket_timed(&access, Some(since)).await {
+                Ok((s, phases)) => {
                     run.resumed_from = run.resumed_from.max(Some(since));
                     let now = Instant::now();
                     if run.came_back.is_none()
@@ -685,6 +810,7 @@ async fn storm_client(
                             .is_some()
                     {
                         run.came_back = Some(now);
+                        run.return_attempt = Some((began, phases));
                         shared.resumed.fetch_add(1, Ordering::Relaxed);
                     }
                     socket = Some(s);

@@ -86,6 +86,10 @@ pub struct BenchArgs {
     /// jobs, storm: `sim` workers (near-zero node time) the bench runs.
     #[arg(long, default_value_t = 4)]
     pub workers: usize,
+    /// jobs: jobs run before the measured ones (then the database is analyzed, as
+    /// autovacuum would have done in a running deployment); 0 measures a cold database.
+    #[arg(long, default_value_t = 500)]
+    pub warm_up: usize,
     /// jobs: submits in flight at once.
     #[arg(long, default_value_t = 32)]
     pub concurrency: usize,
@@ -265,7 +269,9 @@ async fn run_fleet(
                 "workers": args.workers,
                 "concurrency": args.concurrency,
                 "endpoint": "POST /developer/api/v1/jobs",
+                "warm_up_jobs": args.warm_up,
             });
+            fleet::warm_up(&access, &workers.store, args.warm_up).await?;
             let procs = ServerProcs::with_children(&pod.pid().into_iter().collect::<Vec<_>>());
             let params = fleet::JobsParams {
                 jobs: args.jobs(),

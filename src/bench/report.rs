@@ -75,6 +75,8 @@ pub struct StormFigures {
     pub all_back_ms: Option<f64>,
     /// Kill → each client subscribed again.
     pub back_after_kill: LatencySummary,
+    /// The same, by step.
+    pub back_by_step: BackSteps,
     /// Reconnects refused or failed (the pod was down) before they succeeded.
     pub failed_reconnect_attempts: u64,
     pub jobs_submitted: u64,
@@ -86,6 +88,19 @@ pub struct StormFigures {
     /// seen a later event live before this one arrived (delivered out of id order).
     pub missed_behind_resume: u64,
     pub duplicates: u64,
+}
+
+/// A client's way back after the kill, step by step.
+#[derive(Clone, Debug, Serialize)]
+pub struct BackSteps {
+    /// Kill → the start of the attempt that succeeded (refused attempts and backoff).
+    pub waiting: LatencySummary,
+    /// That attempt: TCP connect and WebSocket upgrade, the API key checked.
+    pub upgrade: LatencySummary,
+    /// Upgrade → the pod's `connected` greeting.
+    pub greeting: LatencySummary,
+    /// Greeting → `subscribed` (the subscribe with `since` sent and answered).
+    pub subscribe: LatencySummary,
 }
 
 /// The server's CPU and memory over the run (all its processes together).
@@ -245,6 +260,19 @@ impl Report {
                 s.back_after_kill.p50_ms,
                 s.back_after_kill.p99_ms,
                 s.failed_reconnect_attempts
+            )?;
+            let b = &s.back_by_step;
+            writeln!(
+                out,
+                "way back, p50/p99 ms: waiting {:.0}/{:.0}; upgrade {:.0}/{:.0}; greeting {:.0}/{:.0}; subscribe {:.0}/{:.0}",
+                b.waiting.p50_ms,
+                b.waiting.p99_ms,
+                b.upgrade.p50_ms,
+                b.upgrade.p99_ms,
+                b.greeting.p50_ms,
+                b.greeting.p99_ms,
+                b.subscribe.p50_ms,
+                b.subscribe.p99_ms
             )?;
             writeln!(
                 out,

@@ -105,6 +105,14 @@ impl Store {
         Ok(())
     }
 
+    /// Refreshes the planner's statistics of every table, as autovacuum does in a
+    /// running deployment (the bench's database is younger than autovacuum's first
+    /// visit).
+    pub async fn analyze(&self) -> Result<(), StoreError> {
+        sqlx::query("ANALYZE").execute(&self.pool).await?;
+        Ok(())
+    }
+
     /// `SELECT 1`, for readiness checks.
     pub async fn ping(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;

@@ -162,6 +162,8 @@ async fn jobs_smoke_run_submits_runs_and_reports() {
         "2",
         "--concurrency",
         "3",
+        "--warm-up",
+        "4",
         "--json",
         json.to_str().unwrap(),
     ])
@@ -185,6 +187,12 @@ async fn jobs_smoke_run_submits_runs_and_reports() {
         "every completed job is timed: {r}"
     );
     assert_eq!(j["intake_latency"]["samples"], 6, "{r}");
+    assert_eq!(r["params"]["warm_up_jobs"], 4, "{r}");
+    assert_eq!(
+        j["completed"].as_u64().unwrap() + j["failed"].as_u64().unwrap(),
+        6,
+        "the warm-up's jobs are not counted: {r}"
+    );
 }
 
 #[tokio::test]
@@ -213,4 +221,10 @@ async fn storm_smoke_run_restarts_the_pod_and_everyone_resumes() {
     assert!(s["all_back_ms"].is_number(), "{r}");
     assert!(s["durable_events"].as_u64().unwrap() > 0, "{r}");
     assert_eq!(s["missed"], 0, "nothing durable is missed: {r}");
+    for step in ["waiting", "upgrade", "greeting", "subscribe"] {
+        assert_eq!(
+            s["back_by_step"][step]["samples"], 4,
+            "each client's way back is timed by step: {r}"
+        );
+    }
 }
