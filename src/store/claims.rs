@@ -29,6 +29,14 @@ pub struct ClaimedJob {
     pub events: Vec<StoredEvent>,
 }
 
+/// A job completed, and the worker's next job if it asked for one and one was there.
+#[derive(Debug)]
+pub struct Completed {
+    pub job: Job,
+    pub events: Vec<StoredEvent>,
+    pub next: Option<ClaimedJob>,
+}
+
 /// Whether a worker still holds a job it is running.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Lease {
@@ -131,52 +139,10 @@ impl Store {
         lease: Duration,
     ) -> Result<Option<ClaimedJob>, StoreError> {
         let mut tx = self.pool.begin().await?;
-        // Usually one of the first few queued jobs of a tenant is runnable here: an
-        // index range per tenant. Only when none is (a worker lacking what those
-        // need, or all of them being claimed right now) are all queued jobs searched.
-        let mut picked = None;
-        for search in [CandidateSearch::FirstQueued, CandidateSearch::AllRunnable] {
-            picked = sqlx::query_as::<_, (Uuid, Uuid)>(&claim_query(search))
-                .bind(&caps.node_classes)
-                .bind(&caps.models)
-                .fetch_optional(&mut *tx)
-                .await?;
-            if picked.is_some() {
-                break;
-            }
-        }
-        let Some((id, tenant)) = picked else {
+        let Some((job, started)) = claim_in(&mut tx, worker, caps, lease).await? else {
             return Ok(None);
         };
-        let (tenant, id) = (TenantId::from_uuid(tenant), JobId::from_uuid(id));
-        let attempt: (i32,) = sqlx::query_as(
-            "UPDATE jobs SET status = 'running', worker_id = $3, attempts = attempts + 1, \
-                started_at = now(), lease_expires_at = now() + make_interval(secs => $4), \
-                updated_at = now() \
-             WHERE tenant_id = $1 AND id = $2 RETURNING attempts",
-        )
-        .bind(tenant.as_uuid())
-        .bind(id.as_uuid())
-        .bind(worker.as_uuid())
-        .bind(lease_interval(lease))
-        .fetch_one(&mut *tx)
-        .await?;
-        let job = super::jobs::fetch_job(&mut tx, tenant, id).await?;
-        // In the claim's commit rather than a heartbeat of its own.
-        sqlx::query("UPDATE workers SET status = 'busy', last_heartbeat_at = now() WHERE id = $1")
-            .bind(worker.as_uuid())
-            .execute(&mut *tx)
-            .await?;
-        let facts = JobFacts {
-            id,
-            workflow_id: job.workflow_id.as_deref(),
-        };
-        let events = events::append(
-            &mut tx,
-            tenant,
-            &[facts.started(&worker.to_string(), attempt.0)],
-        )
-        .await?;
+        let events = events::append(&mut tx, job.tenant_id, &[started]).await?;
         tx.commit().await?;
         Ok(Some(ClaimedJob { job, events }))
     }
@@ -219,6 +185,25 @@ impl Store {
         outputs: &[NewOutput],
         outputs_for_event: impl FnOnce(&[(OutputId, &NewOutput)]) -> Value,
     ) -> Result<Option<(Job, Vec<StoredEvent>)>, StoreError> {
+        let done = self
+            .complete_job_and_claim(worker, tenant, id, outputs, outputs_for_event, None)
+            .await?;
+        Ok(done.map(|d| (d.job, d.events)))
+    }
+
+    /// [`Store::complete_job`], and with `next` the worker's next job claimed in the
+    /// same transaction (as [`Store::claim_job`] would right after): one commit and
+    /// one hold of the log lock per job instead of two, where a tenant's log lock is
+    /// what a fleet's jobs queue on (BENCHMARKS.md, jobs).
+    pub async fn complete_job_and_claim(
+        &self,
+        worker: WorkerId,
+        tenant: TenantId,
+        id: JobId,
+        outputs: &[NewOutput],
+        outputs_for_event: impl FnOnce(&[(OutputId, &NewOutput)]) -> Value,
+        next: Option<(&Capabilities, Duration)>,
+    ) -> Result<Option<Completed>, StoreError> {
         let mut tx = self.pool.begin().await?;
         let held = lock_held(&mut tx, worker, tenant, id).await?;
         if !held {
@@ -252,14 +237,51 @@ impl Store {
             id,
             workflow_id: job.workflow_id.as_deref(),
         };
-        let events = events::append(
-            &mut tx,
-            tenant,
-            &[facts.completed(duration, outputs_for_event(&recorded))],
-        )
-        .await?;
+        let completed = facts.completed(duration, outputs_for_event(&recorded));
+        let claimed = match next {
+            Some((caps, lease)) => claim_in(&mut tx, worker, caps, lease).await?,
+            None => None,
+        };
+        let (events, next) = match claimed {
+            None => (events::append(&mut tx, tenant, &[completed]).await?, None),
+            Some((next, started)) if next.tenant_id == tenant => {
+                let mut both = events::append(&mut tx, tenant, &[completed, started]).await?;
+                let started = both.split_off(1);
+                (
+                    both,
+                    Some(ClaimedJob {
+                        job: next,
+                        events: started,
+                    }),
+                )
+            }
+            Some((next, started)) => {
+                // Two tenants' log locks: always taken in the same order, so two
+                // workers finishing and claiming across the same pair cannot deadlock.
+                let (events, started) = if tenant.as_uuid() < next.tenant_id.as_uuid() {
+                    let events = events::append(&mut tx, tenant, &[completed]).await?;
+                    (
+                        events,
+                        events::append(&mut tx, next.tenant_id, &[started]).await?,
+                    )
+                } else {
+                    let started = events::append(&mut tx, next.tenant_id, &[started]).await?;
+                    (
+                        events::append(&mut tx, tenant, &[completed]).await?,
+                        started,
+                    )
+                };
+                (
+                    events,
+                    Some(ClaimedJob {
+                        job: next,
+                        events: started,
+                    }),
+                )
+            }
+        };
         tx.commit().await?;
-        Ok(Some((job, events)))
+        Ok(Some(Completed { job, events, next }))
     }
 
     /// Fails a job this worker holds, with its cause.
@@ -367,6 +389,58 @@ impl Store {
 }
 
 type Tx<'a> = sqlx::Transaction<'a, sqlx::Postgres>;
+
+/// The claim itself (see [`Store::claim_job`]) inside the caller's transaction: the
+/// job picked, marked running and leased, and its `job.started`, not yet appended.
+async fn claim_in(
+    tx: &mut Tx<'_>,
+    worker: WorkerId,
+    caps: &Capabilities,
+    lease: Duration,
+) -> Result<Option<(Job, NewEvent)>, StoreError> {
+    // Usually one of the first few queued jobs of a tenant is runnable here: an
+    // index range per tenant. Only when none is (a worker lacking what those
+    // need, or all of them being claimed right now) are all queued jobs searched.
+    let mut picked = None;
+    for search in [CandidateSearch::FirstQueued, CandidateSearch::AllRunnable] {
+        picked = sqlx::query_as::<_, (Uuid, Uuid)>(&claim_query(search))
+            .bind(&caps.node_classes)
+            .bind(&caps.models)
+            .fetch_optional(&mut **tx)
+            .await?;
+        if picked.is_some() {
+            break;
+        }
+    }
+    let Some((id, tenant)) = picked else {
+        return Ok(None);
+    };
+    let (tenant, id) = (TenantId::from_uuid(tenant), JobId::from_uuid(id));
+    let attempt: (i32,) = sqlx::query_as(
+        "UPDATE jobs SET status = 'running', worker_id = $3, attempts = attempts + 1, \
+            started_at = now(), lease_expires_at = now() + make_interval(secs => $4), \
+            updated_at = now() \
+         WHERE tenant_id = $1 AND id = $2 RETURNING attempts",
+    )
+    .bind(tenant.as_uuid())
+    .bind(id.as_uuid())
+    .bind(worker.as_uuid())
+    .bind(lease_interval(lease))
+    .fetch_one(&mut **tx)
+    .await?;
+    let job = super::jobs::fetch_job(tx, tenant, id).await?;
+    // In the claim's commit rather than a heartbeat of its own.
+    sqlx::query("UPDATE workers SET status = 'busy', last_heartbeat_at = now() WHERE id = $1")
+        .bind(worker.as_uuid())
+        .execute(&mut **tx)
+        .await?;
+    let started = JobFacts {
+        id,
+        workflow_id: job.workflow_id.as_deref(),
+    }
+    .started(&worker.to_string(), attempt.0);
+    Ok(Some((job, started)))
+}
 
 /// Locks the job row and says whether `worker` still holds it running.
 async fn lock_held(

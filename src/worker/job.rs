@@ -16,7 +16,7 @@ use crate::domain::ids::JobId;
 use crate::domain::job::FailureCause;
 use crate::domain::progress::{NodeInfo, ProgressTracker};
 use crate::files::{ObjectKey, SafeFilename, SafeSubfolder, content_type_for};
-use crate::store::claims::{Lease, NewOutput};
+use crate::store::claims::{Capabilities, ClaimedJob, Lease, NewOutput};
 use crate::store::jobs::Job;
 
 /// How the run ended, before it is recorded.
@@ -86,24 +86,39 @@ impl ComfyLink {
     }
 }
 
+/// Runs the job and records how it ended. With `then_claim` (the worker's
+/// capabilities) a job that completes is recorded together with the claim of the
+/// worker's next job, which is returned (see `Store::complete_job_and_claim`).
 pub(super) async fn run(
     worker: &Worker,
     job: Job,
     link: &mut ComfyLink,
     cancels: &mut mpsc::Receiver<JobId>,
     shutdown: &CancellationToken,
-) {
+    then_claim: Option<&Capabilities>,
+) -> Option<ClaimedJob> {
     let outcome = execute(worker, &job, link, cancels, shutdown).await;
-    record(worker, &job, outcome).await;
+    let then_claim = then_claim.filter(|_| !shutdown.is_cancelled());
+    record(worker, &job, outcome, then_claim).await
 }
 
-async fn record(worker: &Worker, job: &Job, outcome: Outcome) {
+async fn record(
+    worker: &Worker,
+    job: &Job,
+    outcome: Outcome,
+    then_claim: Option<&Capabilities>,
+) -> Option<ClaimedJob> {
     let (store, tenant, id) = (&worker.store, job.tenant_id, job.id);
+    let mut next = None;
     let recorded = match outcome {
         Outcome::Succeeded => match collect_outputs(worker, job).await {
-            Ok(outputs) => {
-                store
-                    .complete_job(worker.id, tenant, id, &outputs, |recorded| {
+            Ok(outputs) => store
+                .complete_job_and_claim(
+                    worker.id,
+                    tenant,
+                    id,
+                    &outputs,
+                    |recorded| {
                         json!(
                             recorded
                                 .iter()
@@ -115,9 +130,16 @@ async fn record(worker: &Worker, job: &Job, outcome: Outcome) {
                                 }))
                                 .collect::<Vec<_>>()
                         )
+                    },
+                    then_claim.map(|caps| (caps, worker.settings.lease)),
+                )
+                .await
+                .map(|done| {
+                    done.map(|d| {
+                        next = d.next;
+                        (d.job, d.events)
                     })
-                    .await
-            }
+                }),
             Err(e) => {
                 let c = cause(
                     "OutputError",
@@ -140,6 +162,11 @@ async fn record(worker: &Worker, job: &Job, outcome: Outcome) {
         }
     }
     worker.publisher.snapshots.clear(id).await;
+    // After the completion's events: in the log, the next job's start follows them.
+    if let Some(claimed) = &next {
+        worker.publisher.events(&claimed.events).await;
+    }
+    next
 }
 
 /// The graph's nodes as progress names them (`_meta.title`, else the class).

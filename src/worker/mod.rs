@@ -17,7 +17,7 @@ use crate::domain::ids::{JobId, WorkerId};
 use crate::files::Files;
 use crate::publish::Publisher;
 use crate::store::Store;
-use crate::store::claims::Capabilities;
+use crate::store::claims::{Capabilities, ClaimedJob};
 use crate::store::workers::WorkerRegistration;
 use comfy::{ComfyClient, ComfyError};
 use control::Control;
@@ -163,8 +163,13 @@ impl Worker {
         // The claim marks the worker busy; it is marked idle when it runs out of work,
         // not between two jobs.
         let mut busy = false;
+        // A job claimed together with the completion of the one before it.
+        let mut next: Option<ClaimedJob> = None;
         let result = loop {
             if shutdown.is_cancelled() {
+                if let Some(claimed) = next.take() {
+                    self.hand_back(&claimed).await;
+                }
                 break Ok(());
             }
             if last_reap.is_none_or(|at| at.elapsed() >= REAP_EVERY) {
@@ -172,6 +177,18 @@ impl Worker {
                 if let Err(e) = self.reap().await {
                     tracing::warn!(error = %e, "lease reaping failed");
                 }
+            }
+            if let Some(claimed) = next.take() {
+                next = job::run(
+                    &self,
+                    claimed.job,
+                    &mut link,
+                    &mut cancels_rx,
+                    &shutdown,
+                    Some(&caps),
+                )
+                .await;
+                continue;
             }
             match self
                 .store
@@ -181,7 +198,15 @@ impl Worker {
                 Ok(Some(claimed)) => {
                     busy = true;
                     self.publisher.events(&claimed.events).await;
-                    job::run(&self, claimed.job, &mut link, &mut cancels_rx, &shutdown).await;
+                    next = job::run(
+                        &self,
+                        claimed.job,
+                        &mut link,
+                        &mut cancels_rx,
+                        &shutdown,
+                        Some(&caps),
+                    )
+                    .await;
                     continue;
                 }
                 Ok(None) => {
@@ -208,6 +233,23 @@ impl Worker {
             tracing::warn!(error = %e, "deregistering failed");
         }
         result
+    }
+
+    /// Returns a job claimed but not started to the queue at once, rather than
+    /// when its lease lapses.
+    async fn hand_back(&self, claimed: &ClaimedJob) {
+        let (tenant, id) = (claimed.job.tenant_id, claimed.job.id);
+        match self
+            .store
+            .release_job(self.id, tenant, id, "its worker is shutting down")
+            .await
+        {
+            Ok(Some((_, events))) => self.publisher.events(&events).await,
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, job = %id, "handing back a claimed job failed; its lease will lapse")
+            }
+        }
     }
 
     /// Requeues jobs whose worker died (any worker may do this for all).

@@ -554,3 +554,114 @@ async fn racing_appends_each_name_the_event_just_before_them_in_the_log() {
         before = e.id;
     }
 }
+
+#[tokio::test]
+async fn a_completion_claims_the_workers_next_job_in_the_same_commit() {
+    use comfyfleet::domain::ids::WorkerId;
+    use comfyfleet::domain::job::JobStatus;
+    use comfyfleet::store::claims::Capabilities;
+    use comfyfleet::store::jobs::Submitted;
+    use comfyfleet::store::workers::WorkerRegistration;
+    use std::time::Duration;
+
+    let app = spawn_app().await;
+    let (a, b) = (app.tenant("acme").await, app.tenant("bravo").await);
+    let worker = WorkerId::new();
+    app.store
+        .register_worker(&WorkerRegistration {
+            id: worker,
+            pool: "default".into(),
+            comfyui_url: "http://127.0.0.1:8188".into(),
+            comfyui_version: None,
+            node_classes: vec![],
+            models: vec![],
+        })
+        .await
+        .unwrap();
+    let caps = Capabilities {
+        node_classes: vec!["EmptyImage".into(), "SaveImage".into()],
+        models: vec![],
+    };
+    let lease = Duration::from_secs(30);
+    let submit = |tenant| {
+        let store = app.store.clone();
+        async move {
+            match store.submit_job(tenant, new_job(None)).await.unwrap() {
+                Submitted::Created(job, events) => (job.id, events),
+                other => panic!("expected a new job, got {other:?}"),
+            }
+        }
+    };
+    let (first, _) = submit(a.id).await;
+    let (second, second_events) = submit(b.id).await;
+    let claimed = app.store.claim_job(worker, &caps, lease).await.unwrap();
+    assert_eq!(claimed.map(|c| c.job.id), Some(first));
+
+    // Another tenant's job next: each tenant's log gets its own event.
+    let done = app
+        .store
+        .complete_job_and_claim(
+            worker,
+            a.id,
+            first,
+            &[],
+            |_| json!([]),
+            Some((&caps, lease)),
+        )
+        .await
+        .unwrap()
+        .expect("the worker holds the first job");
+    assert_eq!(done.job.status, JobStatus::Completed);
+    let kinds: Vec<&str> = done.events.iter().map(|e| e.kind.as_str()).collect();
+    assert_eq!(kinds, ["job.completed"]);
+    assert_eq!(done.events[0].tenant_id, a.id);
+    let next = done
+        .next
+        .expect("the queued job is claimed with the completion");
+    assert_eq!(next.job.id, second);
+    assert_eq!(next.job.status, JobStatus::Running);
+    assert_eq!(next.events.len(), 1);
+    assert_eq!(next.events[0].kind, "job.started");
+    assert_eq!(next.events[0].tenant_id, b.id);
+    assert_eq!(
+        next.events[0].prev_id,
+        Some(second_events[1].id),
+        "b's log continues"
+    );
+
+    // The same tenant's job next: one append, the start right after the completion.
+    let (third, _) = submit(b.id).await;
+    let done = app
+        .store
+        .complete_job_and_claim(
+            worker,
+            b.id,
+            second,
+            &[],
+            |_| json!([]),
+            Some((&caps, lease)),
+        )
+        .await
+        .unwrap()
+        .expect("the worker holds the second job");
+    let next = done.next.expect("the third job is claimed");
+    assert_eq!(next.job.id, third);
+    assert_eq!(next.events[0].prev_id, Some(done.events[0].id));
+
+    // Nothing left to claim: the completion alone.
+    let done = app
+        .store
+        .complete_job_and_claim(
+            worker,
+            b.id,
+            third,
+            &[],
+            |_| json!([]),
+            Some((&caps, lease)),
+        )
+        .await
+        .unwrap()
+        .expect("the worker holds the third job");
+    assert!(done.next.is_none());
+    assert_eq!(done.job.status, JobStatus::Completed);
+}
