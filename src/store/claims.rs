@@ -9,7 +9,7 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use super::events::{self, StoredEvent};
-use super::jobs::Job;
+use super::jobs::{JOB_RETURNING, Job, JobRow};
 use super::{Store, StoreError};
 use crate::domain::events::{JobFacts, NewEvent};
 use crate::domain::ids::{JobId, OutputId, TenantId, WorkerId};
@@ -205,10 +205,23 @@ impl Store {
         next: Option<(&Capabilities, Duration)>,
     ) -> Result<Option<Completed>, StoreError> {
         let mut tx = self.pool.begin().await?;
-        let held = lock_held(&mut tx, worker, tenant, id).await?;
-        if !held {
+        // Held and finished in one statement: it changes nothing (and the transaction
+        // is rolled back) unless this worker still holds the job running.
+        let row: Option<JobRow> = sqlx::query_as(&format!(
+            "UPDATE jobs AS j SET status = 'completed', cause = NULL, completed_at = now(), \
+                lease_expires_at = NULL, updated_at = now() \
+             WHERE j.tenant_id = $1 AND j.id = $2 AND j.worker_id = $3 AND j.status = 'running' \
+             RETURNING {JOB_RETURNING}"
+        ))
+        .bind(tenant.as_uuid())
+        .bind(id.as_uuid())
+        .bind(worker.as_uuid())
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = row else {
             return Ok(None);
-        }
+        };
+        let job = Job::try_from(row)?;
         let mut recorded = Vec::with_capacity(outputs.len());
         for o in outputs {
             let oid = OutputId::new();
@@ -231,7 +244,6 @@ impl Store {
             .await?;
             recorded.push((oid, o));
         }
-        let job = finish(&mut tx, tenant, id, JobStatus::Completed, None).await?;
         let duration = duration_secs(&job);
         let facts = JobFacts {
             id,
@@ -416,19 +428,19 @@ async fn claim_in(
         return Ok(None);
     };
     let (tenant, id) = (TenantId::from_uuid(tenant), JobId::from_uuid(id));
-    let attempt: (i32,) = sqlx::query_as(
-        "UPDATE jobs SET status = 'running', worker_id = $3, attempts = attempts + 1, \
+    let row: JobRow = sqlx::query_as(&format!(
+        "UPDATE jobs AS j SET status = 'running', worker_id = $3, attempts = j.attempts + 1, \
             started_at = now(), lease_expires_at = now() + make_interval(secs => $4), \
             updated_at = now() \
-         WHERE tenant_id = $1 AND id = $2 RETURNING attempts",
-    )
+         WHERE j.tenant_id = $1 AND j.id = $2 RETURNING {JOB_RETURNING}"
+    ))
     .bind(tenant.as_uuid())
     .bind(id.as_uuid())
     .bind(worker.as_uuid())
     .bind(lease_interval(lease))
     .fetch_one(&mut **tx)
     .await?;
-    let job = super::jobs::fetch_job(tx, tenant, id).await?;
+    let job = Job::try_from(row)?;
     // In the claim's commit rather than a heartbeat of its own.
     sqlx::query("UPDATE workers SET status = 'busy', last_heartbeat_at = now() WHERE id = $1")
         .bind(worker.as_uuid())
@@ -438,7 +450,7 @@ async fn claim_in(
         id,
         workflow_id: job.workflow_id.as_deref(),
     }
-    .started(&worker.to_string(), attempt.0);
+    .started(&worker.to_string(), job.attempts);
     Ok(Some((job, started)))
 }
 

@@ -113,7 +113,7 @@ pub enum Cancelled {
 }
 
 #[derive(FromRow)]
-struct JobRow {
+pub(super) struct JobRow {
     id: Uuid,
     tenant_id: Uuid,
     status: String,
@@ -184,6 +184,11 @@ macro_rules! job_columns {
         j.completed_at, j.cancel_requested_at, j.comfy_number"
     };
 }
+
+/// What an `UPDATE jobs AS j … RETURNING` gives back to make a [`Job`] of the row as
+/// changed, sparing a read after the write. It is for a job leaving the queue or
+/// finishing: such a job has no queue position.
+pub(super) const JOB_RETURNING: &str = concat!(job_columns!(), ", NULL::bigint AS queue_number");
 
 /// The job columns plus its live queue position, for a `FROM jobs j` query.
 const JOB_SELECT: &str = concat!(
