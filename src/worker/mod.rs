@@ -178,7 +178,32 @@ impl Worker {
                     tracing::warn!(error = %e, "lease reaping failed");
                 }
             }
-            if let Some(claimed) = next.take() {
+            // A job claimed with the last completion was published with it.
+            let claimed = match next.take() {
+                Some(claimed) => Some(claimed),
+                None => match self
+                    .store
+                    .claim_job(self.id, &caps, self.settings.lease)
+                    .await
+                {
+                    Ok(Some(claimed)) => {
+                        busy = true;
+                        self.publisher.events(&claimed.events).await;
+                        Some(claimed)
+                    }
+                    Ok(None) => {
+                        if busy && self.store.worker_heartbeat(self.id, "idle").await.is_ok() {
+                            busy = false;
+                        }
+                        None
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "claiming failed");
+                        None
+                    }
+                },
+            };
+            if let Some(claimed) = claimed {
                 next = job::run(
                     &self,
                     claimed.job,
@@ -189,32 +214,6 @@ impl Worker {
                 )
                 .await;
                 continue;
-            }
-            match self
-                .store
-                .claim_job(self.id, &caps, self.settings.lease)
-                .await
-            {
-                Ok(Some(claimed)) => {
-                    busy = true;
-                    self.publisher.events(&claimed.events).await;
-                    next = job::run(
-                        &self,
-                        claimed.job,
-                        &mut link,
-                        &mut cancels_rx,
-                        &shutdown,
-                        Some(&caps),
-                    )
-                    .await;
-                    continue;
-                }
-                Ok(None) => {
-                    if busy && self.store.worker_heartbeat(self.id, "idle").await.is_ok() {
-                        busy = false;
-                    }
-                }
-                Err(e) => tracing::warn!(error = %e, "claiming failed"),
             }
             tokio::select! {
                 _ = shutdown.cancelled() => break Ok(()),

@@ -557,27 +557,14 @@ async fn racing_appends_each_name_the_event_just_before_them_in_the_log() {
 
 #[tokio::test]
 async fn a_completion_claims_the_workers_next_job_in_the_same_commit() {
-    use comfyfleet::domain::ids::WorkerId;
     use comfyfleet::domain::job::JobStatus;
     use comfyfleet::store::claims::Capabilities;
     use comfyfleet::store::jobs::Submitted;
-    use comfyfleet::store::workers::WorkerRegistration;
     use std::time::Duration;
 
     let app = spawn_app().await;
     let (a, b) = (app.tenant("acme").await, app.tenant("bravo").await);
-    let worker = WorkerId::new();
-    app.store
-        .register_worker(&WorkerRegistration {
-            id: worker,
-            pool: "default".into(),
-            comfyui_url: "http://127.0.0.1:8188".into(),
-            comfyui_version: None,
-            node_classes: vec![],
-            models: vec![],
-        })
-        .await
-        .unwrap();
+    let worker = app.register_worker().await;
     let caps = Capabilities {
         node_classes: vec!["EmptyImage".into(), "SaveImage".into()],
         models: vec![],

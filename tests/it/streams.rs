@@ -108,18 +108,7 @@ async fn cancel_job(app: &TestApp, t: &TestTenant, job: JobId) {
 
 /// Plays a worker through the real store: claims the next job (it must be `job`).
 async fn claim(app: &TestApp, job: JobId) -> WorkerId {
-    let worker = WorkerId::new();
-    app.store
-        .register_worker(&comfyfleet::store::workers::WorkerRegistration {
-            id: worker,
-            pool: "default".into(),
-            comfyui_url: "http://127.0.0.1:8188".into(),
-            comfyui_version: None,
-            node_classes: vec![],
-            models: vec![],
-        })
-        .await
-        .unwrap();
+    let worker = app.register_worker().await;
     let caps = Capabilities {
         node_classes: ["EmptyImage", "ImageScale", "SaveImage"]
             .map(String::from)

@@ -3,7 +3,6 @@
 
 use std::sync::Arc;
 
-use comfyfleet::domain::ids::WorkerId;
 use comfyfleet::files::{
     AddressPolicy, FetchLimits, ObjectKey, SafeFilename, SafeSubfolder, UrlFetcher,
 };
@@ -387,18 +386,7 @@ async fn a_completed_jobs_outputs_are_served_everywhere_with_signed_links() {
     assert_eq!(not_ready.status(), 404);
 
     // Play the worker through the real store: claim, store the file, complete.
-    let worker = WorkerId::new();
-    app.store
-        .register_worker(&comfyfleet::store::workers::WorkerRegistration {
-            id: worker,
-            pool: "default".into(),
-            comfyui_url: "http://127.0.0.1:8188".into(),
-            comfyui_version: None,
-            node_classes: vec![],
-            models: vec![],
-        })
-        .await
-        .unwrap();
+    let worker = app.register_worker().await;
     let caps = Capabilities {
         node_classes: ["EmptyImage", "ImageScale", "SaveImage"]
             .map(String::from)

@@ -215,6 +215,23 @@ impl TestApp {
         format!("{}{}", self.base, path)
     }
 
+    /// Registers a worker in the store (for tests that play one through the store).
+    pub async fn register_worker(&self) -> comfyfleet::domain::ids::WorkerId {
+        let worker = comfyfleet::domain::ids::WorkerId::new();
+        self.store
+            .register_worker(&comfyfleet::store::workers::WorkerRegistration {
+                id: worker,
+                pool: "default".into(),
+                comfyui_url: "http://127.0.0.1:8188".into(),
+                comfyui_version: None,
+                node_classes: vec![],
+                models: vec![],
+            })
+            .await
+            .unwrap();
+        worker
+    }
+
     pub fn auth_service(&self) -> AuthService {
         self.state.auth.clone()
     }
