@@ -28,6 +28,7 @@ use std::time::Duration;
 
 use poem::listener::{Acceptor, TcpAcceptor};
 use poem::middleware::{CatchPanic, CookieJarManager};
+use poem::web::{LocalAddr, RemoteAddr};
 use poem::{Endpoint, EndpointExt, Route, Server};
 use poem_openapi::{OpenApiService, Tags};
 use tokio_util::sync::CancellationToken;
@@ -238,7 +239,7 @@ pub async fn serve(
     state: AppState,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    let acceptor = TcpAcceptor::from_tokio(listener)?;
+    let acceptor = NoDelay(TcpAcceptor::from_tokio(listener)?);
     tracing::info!(addr = ?acceptor.local_addr(), "API listening");
     Server::new_with_acceptor(acceptor)
         .run_with_graceful_shutdown(
@@ -247,4 +248,44 @@ pub async fn serve(
             Some(Duration::from_secs(10)),
         )
         .await
+}
+
+/// Accepts with Nagle's algorithm off, as nginx's `tcp_nodelay on` does. A stream
+/// socket writes one small frame after another; with Nagle on, a frame written
+/// while the previous one is unacknowledged waits for the ACK, which the client may
+/// delay by up to 40 ms (BENCHMARKS.md, `slow`).
+struct NoDelay(TcpAcceptor);
+
+impl Acceptor for NoDelay {
+    type Io = tokio::net::TcpStream;
+
+    fn local_addr(&self) -> Vec<LocalAddr> {
+        self.0.local_addr()
+    }
+
+    async fn accept(
+        &mut self,
+    ) -> std::io::Result<(Self::Io, LocalAddr, RemoteAddr, poem::http::uri::Scheme)> {
+        let accepted = self.0.accept().await?;
+        // A socket that refuses the option still works, only with Nagle on.
+        let _ = accepted.0.set_nodelay(true);
+        Ok(accepted)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn accepted_sockets_send_small_frames_without_waiting_for_acks() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut acceptor = NoDelay(TcpAcceptor::from_tokio(listener).unwrap());
+        let (accepted, client) =
+            tokio::join!(acceptor.accept(), tokio::net::TcpStream::connect(addr));
+        let (socket, ..) = accepted.unwrap();
+        client.unwrap();
+        assert!(socket.nodelay().unwrap(), "Nagle's algorithm is still on");
+    }
 }
