@@ -9,14 +9,14 @@
 # the nchan module and redis-tools with apt-get when they are missing. Binds
 # 127.0.0.1 only and stops everything it started.
 #
-# Knobs (environment): FANOUT_CLIENTS (1000), FANOUT_RATES ("20 40 60 100 140 200"),
+# Knobs (environment): FANOUT_CLIENTS (1000), FANOUT_RATES ("60 100 140 200 240 280"),
 # BIG_CLIENTS (10000), BIG_RATE (10), IDLE_CLIENTS (10000), DURATION (5 s),
 # SLOW_PAIRS (4), NCHAN_PORT (18731), OUT (target/bench/compare-<time>).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 FANOUT_CLIENTS=${FANOUT_CLIENTS:-1000}
-FANOUT_RATES=${FANOUT_RATES:-"20 40 60 100 140 200"}
+FANOUT_RATES=${FANOUT_RATES:-"60 100 140 200 240 280"}
 BIG_CLIENTS=${BIG_CLIENTS:-10000}
 BIG_RATE=${BIG_RATE:-10}
 IDLE_CLIENTS=${IDLE_CLIENTS:-10000}
@@ -146,7 +146,9 @@ both "fanout-$BIG_CLIENTS-r$BIG_RATE" fanout --clients "$BIG_CLIENTS" --rate "$B
 both "slow-$FANOUT_CLIENTS-r100" slow --clients "$FANOUT_CLIENTS" --rate 100 --slow-share 0.1 --duration "$DURATION"
 # The slow target is a change of ≤ 10 % in the readers' p99, less than what one
 # run varies by on a shared 2-core box: fanout and slow alternate, and the
-# medians are compared.
+# medians are compared. nginx is restarted first, as for idle: after holding
+# 10,000 sockets its fan-out latency was several times its fresh figure.
+stop_nchan; start_nchan
 mkdir -p "$OUT/pairs"
 for k in $(seq "$SLOW_PAIRS"); do
   for scenario in fanout slow; do
@@ -219,7 +221,7 @@ w(f"- comfyfleet: one API pod (`comfyfleet api`, release build) started by the b
 w(f"- broker ceiling, `redis-benchmark -n 200000 -c 50 PUBLISH` (unpipelined): {redis}")
 w("- the machine is shared with other builds: the load average at the start of each run is shown with it")
 w("")
-w("Reproduce: `scripts/bench-compare.sh` (knobs: `FANOUT_CLIENTS`, `FANOUT_RATES`, `BIG_CLIENTS`, `BIG_RATE`, `IDLE_CLIENTS`, `DURATION`).")
+w("Reproduce: `scripts/bench-compare.sh` (knobs: `FANOUT_CLIENTS`, `FANOUT_RATES`, `BIG_CLIENTS`, `BIG_RATE`, `IDLE_CLIENTS`, `DURATION`, `SLOW_PAIRS`).")
 w("One run by hand: `cargo build --release && target/release/comfyfleet bench fanout --clients 1000 --rate 100 --duration 5`.")
 w("")
 
