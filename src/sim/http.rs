@@ -302,7 +302,7 @@ fn post_history(body: Bytes, shared: Data<&Arc<Shared>>) -> Response {
 
 #[handler]
 fn object_info(shared: Data<&Arc<Shared>>) -> Response {
-    json_response(&Value::Object(shared.object_info()))
+    json_response(&Value::Object(Map::clone(&shared.object_info())))
 }
 
 #[handler]

@@ -122,6 +122,16 @@ pub struct Shared {
     pub interrupted: Notify,
     pub faults: LiveFaults,
     pub shutdown: CancellationToken,
+    /// The last `/object_info` rendered and the input files it lists. Every prompt
+    /// is validated against it, and rendering copies the whole catalog: done per
+    /// prompt, that was a sixth of a `jobs` bench's own CPU (BENCHMARKS.md).
+    rendered: Mutex<Option<Rendered>>,
+}
+
+/// A rendered `/object_info` and the input files it lists.
+struct Rendered {
+    inputs: Vec<String>,
+    info: Arc<Map<String, Value>>,
 }
 
 impl Shared {
@@ -163,6 +173,7 @@ impl Shared {
             interrupted: Notify::new(),
             faults,
             shutdown,
+            rendered: Mutex::new(None),
         })
     }
 
@@ -171,10 +182,22 @@ impl Shared {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// `/object_info` as of now.
-    pub fn object_info(&self) -> Map<String, Value> {
+    /// `/object_info` as of now: rendered again only when the input files changed
+    /// (the models are fixed at start).
+    pub fn object_info(&self) -> Arc<Map<String, Value>> {
         let inputs = self.lock().files.input_images();
-        self.catalog.render(&self.config.models, &inputs)
+        let mut rendered = self.rendered.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(last) = &*rendered
+            && last.inputs == inputs
+        {
+            return last.info.clone();
+        }
+        let info = Arc::new(self.catalog.render(&self.config.models, &inputs));
+        *rendered = Some(Rendered {
+            inputs,
+            info: info.clone(),
+        });
+        info
     }
 }
 
