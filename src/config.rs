@@ -60,6 +60,9 @@ pub struct DatabaseConfig {
     /// Kept secret: a database URL usually carries a password.
     pub url: Secret,
     pub max_connections: u32,
+    /// A pooled connection unused this long is pinged before it is handed out (one
+    /// that fails is dropped and another taken); a busier one is used as it is.
+    pub ping_if_idle_for: std::time::Duration,
 }
 
 /// Minimum length of the JWT signing secret: HS256 wants at least 256 bits.
@@ -145,6 +148,7 @@ impl DatabaseArgs {
         Ok(DatabaseConfig {
             url: Secret::new(raw),
             max_connections,
+            ping_if_idle_for: std::time::Duration::from_secs(1),
         })
     }
 }

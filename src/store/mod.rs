@@ -82,9 +82,23 @@ impl Store {
         .map_err(|_| fail("timed out after 5 s".into()))?
         .map_err(|e| fail(one_line(&e)))?;
         probe.close().await.ok();
+        let ping_if_idle_for = config.ping_if_idle_for;
         let pool = PgPoolOptions::new()
             .max_connections(config.max_connections)
             .acquire_timeout(Duration::from_secs(5))
+            // sqlx pings every connection it hands out: a round trip before each
+            // transaction, ~15 % of `jobs` intake (BENCHMARKS.md). Only a connection
+            // that sat idle is pinged; a busy pool's were in use a moment ago, and one
+            // that fails its ping is dropped and another taken, as before.
+            .test_before_acquire(false)
+            .before_acquire(move |conn, meta| {
+                Box::pin(async move {
+                    if meta.idle_for >= ping_if_idle_for {
+                        conn.ping().await?;
+                    }
+                    Ok(true)
+                })
+            })
             .connect_lazy_with(options);
         Ok(Self::from_pool(pool))
     }

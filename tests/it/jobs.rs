@@ -652,3 +652,72 @@ async fn a_completion_claims_the_workers_next_job_in_the_same_commit() {
     assert!(done.next.is_none());
     assert_eq!(done.job.status, JobStatus::Completed);
 }
+
+#[tokio::test]
+async fn a_pooled_connection_cut_while_idle_is_replaced_before_use() {
+    use comfyfleet::config::DatabaseConfig;
+    use comfyfleet::store::Store;
+    use std::time::Duration;
+
+    let app = spawn_app().await;
+    let t = app.tenant("acme").await;
+    // One connection per store, so the one cut is the one handed out next.
+    let one_connection = |ping_if_idle_for| DatabaseConfig {
+        max_connections: 1,
+        ping_if_idle_for,
+        ..app.db.args().resolve().unwrap()
+    };
+    let checked = Store::connect(&one_connection(Duration::ZERO))
+        .await
+        .unwrap();
+    let unchecked = Store::connect(&one_connection(Duration::from_secs(3600)))
+        .await
+        .unwrap();
+
+    for store in [&checked, &unchecked] {
+        let (pid,): (i32,) = sqlx::query_as("SELECT pg_backend_pid()")
+            .fetch_one(store.pool())
+            .await
+            .unwrap();
+        // sqlx checks a connection on its way back into the pool, in a task of its
+        // own: the cut must come after that, while the connection sits idle.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while store.pool().num_idle() != 1 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "never back in the pool"
+            );
+            tokio::task::yield_now().await;
+        }
+        // As a database restart or a proxy's idle timeout would.
+        let (cut,): (bool,) = sqlx::query_as("SELECT pg_terminate_backend($1)")
+            .bind(pid)
+            .fetch_one(app.store.pool())
+            .await
+            .unwrap();
+        assert!(cut);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let (left,): (i64,) =
+                sqlx::query_as("SELECT count(*) FROM pg_stat_activity WHERE pid = $1")
+                    .bind(pid)
+                    .fetch_one(app.store.pool())
+                    .await
+                    .unwrap();
+            if left == 0 {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "backend {pid} lingers"
+            );
+            tokio::task::yield_now().await;
+        }
+    }
+
+    // Idle past its threshold: pinged, found dead, replaced; the caller sees nothing.
+    assert_eq!(checked.count_active_jobs(t.id).await.unwrap(), 0);
+    // Idle less than its threshold: used as it is, and the cut shows as one failed
+    // call. That is the price of not pinging a busy pool's connections.
+    assert!(unchecked.count_active_jobs(t.id).await.is_err());
+}
