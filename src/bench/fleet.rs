@@ -116,6 +116,7 @@ impl Fleet {
 }
 
 /// Where the pod is and who the bench is to it.
+#[derive(Clone)]
 pub struct PodAccess {
     pub http_base: String,
     pub ws_base: String,
@@ -201,29 +202,34 @@ struct JobTimes {
 
 /// `jobs`: K jobs through `POST /developer/api/v1/jobs` (a raw graph; the job and
 /// its `job.accepted`/`job.queued` events are committed before the 201), C submits in
-/// flight; completion observed on the cloud WebSocket.
+/// flight, spread round robin over the tenants; completion observed on each tenant's
+/// cloud WebSocket.
 pub async fn jobs(
-    pod: &PodAccess,
+    tenants: &[PodAccess],
     procs: Option<&ServerProcs>,
     params: &JobsParams,
     report: &mut Report,
 ) -> Result<(), CommandError> {
     let times = Arc::new(Mutex::new(JobTimes::default()));
     let finished_count = Arc::new(AtomicU64::new(0));
-    let observer = open_events_socket(pod, None)
-        .await
-        .map_err(|e| invalid(format!("the observer's WebSocket: {e}")))?;
-    report.clients = 1;
-    report.connected = 1;
     let stop = CancellationToken::new();
-    let watcher = tokio::spawn(watch_completions(
-        observer,
-        times.clone(),
-        finished_count.clone(),
-        stop.clone(),
-    ));
-    let http = submit_client(pod, params.concurrency)?;
-    let url = format!("{}/developer/api/v1/jobs", pod.http_base);
+    let mut watchers = Vec::with_capacity(tenants.len());
+    let mut clients = Vec::with_capacity(tenants.len());
+    for pod in tenants {
+        let observer = open_events_socket(pod, None)
+            .await
+            .map_err(|e| invalid(format!("the observer's WebSocket: {e}")))?;
+        watchers.push(tokio::spawn(watch_completions(
+            observer,
+            times.clone(),
+            finished_count.clone(),
+            stop.clone(),
+        )));
+        clients.push(submit_client(pod, params.concurrency)?);
+    }
+    report.clients = tenants.len() as u64;
+    report.connected = tenants.len() as u64;
+    let url = format!("{}/developer/api/v1/jobs", tenants[0].http_base);
     let body = json!({ "workflow": tiny_graph() }).to_string();
     let before = procs.map(ServerProcs::sample).unwrap_or_default();
     let me = ServerProcs::only(&[std::process::id()]);
@@ -239,7 +245,8 @@ pub async fn jobs(
     let mut next = 0;
     while next < params.jobs || !inflight.is_empty() {
         while next < params.jobs && inflight.len() < params.concurrency {
-            let (http, url, body) = (http.clone(), url.clone(), body.clone());
+            let http = clients[next % clients.len()].clone();
+            let (url, body) = (url.clone(), body.clone());
             inflight.push(async move {
                 let sent = Instant::now();
                 let result = submit(&http, &url, body).await;
@@ -274,7 +281,9 @@ pub async fn jobs(
     let after = procs.map(ServerProcs::sample).unwrap_or_default();
     report.load_generator_cpu_percent = cpu_percent(&me_before, &me.sample());
     stop.cancel();
-    let _ = watcher.await;
+    for watcher in watchers {
+        let _ = watcher.await;
+    }
 
     let unseen = {
         let t = times.lock().unwrap_or_else(|e| e.into_inner());
@@ -283,12 +292,18 @@ pub async fn jobs(
             .find(|id| !t.finished.contains_key(*id))
             .cloned()
     };
-    if let Some(id) = unseen
-        && let Ok(resp) = http.get(format!("{url}/{id}")).send().await
-    {
-        // What the pod says of it, for whoever investigates.
-        let body = resp.text().await.unwrap_or_default();
-        tracing::warn!(job = %id, %body, "a job whose end was not seen");
+    if let Some(id) = unseen {
+        // What the pod says of it, for whoever investigates (another tenant's job is
+        // a 404, so each tenant is asked).
+        for http in &clients {
+            if let Ok(resp) = http.get(format!("{url}/{id}")).send().await
+                && resp.status().is_success()
+            {
+                let body = resp.text().await.unwrap_or_default();
+                tracing::warn!(job = %id, %body, "a job whose end was not seen");
+                break;
+            }
+        }
     }
     let times = times.lock().unwrap_or_else(|e| e.into_inner());
     let mut e2e = Latencies::new();

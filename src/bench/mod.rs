@@ -93,6 +93,11 @@ pub struct BenchArgs {
     /// jobs: submits in flight at once.
     #[arg(long, default_value_t = 32)]
     pub concurrency: usize,
+    /// jobs: tenants the jobs are spread over, round robin (each tenant's event log
+    /// is ordered on its own, so one tenant's commits serialize and several run side
+    /// by side).
+    #[arg(long, default_value_t = 1)]
+    pub tenants: usize,
     /// previews: watchers per job.
     #[arg(long, default_value_t = 5)]
     pub watchers: usize,
@@ -160,6 +165,9 @@ impl BenchArgs {
         }
         if self.concurrency == 0 || self.concurrency > 4096 {
             return Err(invalid("--concurrency must be between 1 and 4096"));
+        }
+        if self.tenants == 0 || self.tenants > 64 {
+            return Err(invalid("--tenants must be between 1 and 64"));
         }
         if matches!(self.scenario, Scenario::Jobs | Scenario::Storm) {
             if self.target != TargetKind::Comfyfleet {
@@ -268,16 +276,26 @@ async fn run_fleet(
                 "jobs": args.jobs(),
                 "workers": args.workers,
                 "concurrency": args.concurrency,
+                "tenants": args.tenants,
                 "endpoint": "POST /developer/api/v1/jobs",
                 "warm_up_jobs": args.warm_up,
             });
             fleet::warm_up(&access, &workers.store, args.warm_up).await?;
+            let mut tenants = vec![access];
+            for i in 1..args.tenants {
+                let (tenant, api_key) = pod.add_tenant(&format!("bench-{i}")).await?;
+                tenants.push(fleet::PodAccess {
+                    api_key,
+                    tenant,
+                    ..tenants[0].clone()
+                });
+            }
             let procs = ServerProcs::with_children(&pod.pid().into_iter().collect::<Vec<_>>());
             let params = fleet::JobsParams {
                 jobs: args.jobs(),
                 concurrency: args.concurrency,
             };
-            fleet::jobs(&access, Some(&procs), &params, &mut report).await?;
+            fleet::jobs(&tenants, Some(&procs), &params, &mut report).await?;
         }
         _ => {
             report.params = json!({

@@ -44,6 +44,18 @@ fn invalid(what: &str) -> impl Fn(&dyn std::fmt::Display) -> CommandError + '_ {
     move |e| CommandError::Invalid(format!("{what}: {e}"))
 }
 
+/// A tenant named `name` with an admin user and an API key; the key in clear.
+async fn create_tenant(store: &Store, name: &str) -> Result<(TenantId, String), CommandError> {
+    let hash = password::hash("bench-password-0123456789")
+        .map_err(|e| invalid("hashing the bench password")(&e))?;
+    let (tenant, _) = store
+        .create_tenant_with_admin(name, &format!("{name}@bench.example.com"), &hash)
+        .await?;
+    let auth = AuthService::new(store.clone(), &[0u8; 32], Duration::from_secs(60));
+    let (_, key) = auth.create_api_key(tenant.id, name, true, None).await?;
+    Ok((tenant.id, key.expose().to_owned()))
+}
+
 impl Pod {
     /// Creates the database, the tenant and a key, then starts the pod and waits
     /// until it answers.
@@ -61,19 +73,13 @@ impl Pod {
         };
         let store = Store::connect(&db.resolve()?).await?;
         store.migrate().await?;
-        let hash = password::hash("bench-password-0123456789")
-            .map_err(|e| invalid("hashing the bench password")(&e))?;
-        let (tenant, _) = store
-            .create_tenant_with_admin("bench", "bench@bench.example.com", &hash)
-            .await?;
-        let auth = AuthService::new(store.clone(), &[0u8; 32], Duration::from_secs(60));
-        let (_, key) = auth.create_api_key(tenant.id, "bench", true, None).await?;
+        let (tenant, api_key) = create_tenant(&store, "bench").await?;
         let addr = free_port()?;
         let mut pod = Self {
             child: None,
             addr,
-            tenant: tenant.id,
-            api_key: key.expose().to_owned(),
+            tenant,
+            api_key,
             redis_prefix: format!("cfbench:{}", &id[..12]),
             database_url,
             db_name,
@@ -83,6 +89,11 @@ impl Pod {
         };
         pod.spawn().await?;
         Ok(pod)
+    }
+
+    /// Another tenant, with an admin user and an API key, beside the first.
+    pub async fn add_tenant(&self, name: &str) -> Result<(TenantId, String), CommandError> {
+        create_tenant(&self.store, name).await
     }
 
     async fn spawn(&mut self) -> Result<(), CommandError> {

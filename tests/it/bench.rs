@@ -122,6 +122,7 @@ async fn bad_bench_options_are_refused_in_one_line() {
         &["fanout", "--target", "nchan"],
         &["jobs", "--workers", "0"],
         &["jobs", "--concurrency", "0"],
+        &["jobs", "--tenants", "0"],
         &["storm", "--url", "http://127.0.0.1:9"],
         &[
             "jobs",
@@ -164,6 +165,8 @@ async fn jobs_smoke_run_submits_runs_and_reports() {
         "3",
         "--warm-up",
         "4",
+        "--tenants",
+        "2",
         "--json",
         json.to_str().unwrap(),
     ])
@@ -188,6 +191,8 @@ async fn jobs_smoke_run_submits_runs_and_reports() {
     );
     assert_eq!(j["intake_latency"]["samples"], 6, "{r}");
     assert_eq!(r["params"]["warm_up_jobs"], 4, "{r}");
+    assert_eq!(r["params"]["tenants"], 2, "{r}");
+    assert_eq!(r["connected"], 2, "one observer per tenant: {r}");
     assert_eq!(
         j["completed"].as_u64().unwrap() + j["failed"].as_u64().unwrap(),
         6,
