@@ -253,7 +253,7 @@ pub async fn serve(
 /// Accepts with Nagle's algorithm off, as nginx's `tcp_nodelay on` does. A stream
 /// socket writes one small frame after another; with Nagle on, a frame written
 /// while the previous one is unacknowledged waits for the ACK, which the client may
-/// delay by up to 40 ms (BENCHMARKS.md, `slow`).
+/// delay by up to 40 ms (BENCHMARKS.md, profile, session 6).
 struct NoDelay(TcpAcceptor);
 
 impl Acceptor for NoDelay {

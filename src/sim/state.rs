@@ -124,7 +124,7 @@ pub struct Shared {
     pub shutdown: CancellationToken,
     /// The last `/object_info` rendered and the input files it lists. Every prompt
     /// is validated against it, and rendering copies the whole catalog: done per
-    /// prompt, that was a sixth of a `jobs` bench's own CPU (BENCHMARKS.md).
+    /// prompt, that was a seventh of the bench process's CPU in `jobs` (BENCHMARKS.md).
     rendered: Mutex<Option<Rendered>>,
 }
 

@@ -86,10 +86,11 @@ impl Store {
         let pool = PgPoolOptions::new()
             .max_connections(config.max_connections)
             .acquire_timeout(Duration::from_secs(5))
-            // sqlx pings every connection it hands out: a round trip before each
-            // transaction, ~15 % of `jobs` intake (BENCHMARKS.md). Only a connection
-            // that sat idle is pinged; a busy pool's were in use a moment ago, and one
-            // that fails its ping is dropped and another taken, as before.
+            // By default sqlx pings every connection it hands out: a round trip before
+            // each transaction (BENCHMARKS.md, jobs). Only a connection that sat idle
+            // is pinged here; a busy pool's were in use (and checked by sqlx on their
+            // way back) a moment ago. One that fails its ping is dropped and another
+            // taken, as before.
             .test_before_acquire(false)
             .before_acquire(move |conn, meta| {
                 Box::pin(async move {
