@@ -192,9 +192,8 @@ impl Store {
     }
 
     /// [`Store::complete_job`], and with `next` the worker's next job claimed in the
-    /// same transaction (as [`Store::claim_job`] would right after): one commit and
-    /// one hold of the log lock per job instead of two, where a tenant's log lock is
-    /// what a fleet's jobs queue on (BENCHMARKS.md, jobs).
+    /// same transaction (as [`Store::claim_job`] would right after): one commit, one
+    /// hold of the log lock and fewer round trips per job instead of two of each.
     pub async fn complete_job_and_claim(
         &self,
         worker: WorkerId,
