@@ -93,9 +93,9 @@ pub struct BenchArgs {
     /// jobs: submits in flight at once.
     #[arg(long, default_value_t = 32)]
     pub concurrency: usize,
-    /// jobs: tenants the jobs are spread over, round robin (each tenant's event log
-    /// is ordered on its own, so one tenant's commits serialize and several run side
-    /// by side).
+    /// jobs: tenants the jobs are spread over, round robin. Each tenant's event log
+    /// is ordered on its own lock, so this shows whether one tenant's order bounds a
+    /// run (BENCHMARKS.md: it did not).
     #[arg(long, default_value_t = 1)]
     pub tenants: usize,
     /// previews: watchers per job.
